@@ -1,0 +1,1 @@
+"""Compression algorithms: calibration, quantization (sparsity, pruning, steering, low rank to come)."""

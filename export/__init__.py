@@ -1,0 +1,1 @@
+"""Exporters: ONNX (KV-cache decoder with MatMulNBits / GatherBlockQuantized / QDQ)."""
