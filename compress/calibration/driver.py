@@ -1,0 +1,316 @@
+"""The one calibration driver: forward passes with observer hooks, filling a StatsStore.
+
+* :class:`StatRequest` says which modules (regex on qualified names) get which
+  statistic on their input or output.
+* :func:`observe` is the thin hook adapter: it attaches observers, and removes every
+  hook in ``finally``.
+* :func:`calibrate` runs the model once over the data.
+* :func:`sequential_calibrate` goes block by block (as GPTQ does): block ``i`` is
+  observed on the outputs of the already *modified* blocks ``0..i-1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from edgecompress.compress.calibration.observers import OBSERVERS, Observer
+from edgecompress.compress.calibration.store import StatsStore
+from edgecompress.errors import EdgeCompressError, RecipeError
+
+log = logging.getLogger(__name__)
+
+Batch = Any  # a LongTensor [B, T] of token ids, or a dict of model inputs
+ForwardFn = Callable[[nn.Module, Batch], Any]
+ObserverMap = dict[tuple[str, str], Observer]
+
+
+@dataclass(frozen=True)
+class StatRequest:
+    """Observe ``stat`` on the ``where`` side of modules whose name ``re.search``-es ``pattern``.
+
+    Only modules that are instances of ``module_types`` match. Output statistics are
+    stored under ``"{stat}@output"`` (see :attr:`key`) so input and output of one
+    module never collide.
+    """
+
+    pattern: str
+    stat: str
+    where: Literal["input", "output"] = "input"
+    module_types: tuple[type[nn.Module], ...] = field(default=(nn.Linear,))
+
+    def __post_init__(self) -> None:
+        if self.stat not in OBSERVERS:
+            raise RecipeError(f"unknown statistic {self.stat!r}", hint=f"use one of {', '.join(sorted(OBSERVERS))}")
+        if self.where not in ("input", "output"):
+            raise RecipeError(f"where must be 'input' or 'output', got {self.where!r}")
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise RecipeError(f"bad module pattern {self.pattern!r}: {exc}", hint="write a Python regex") from exc
+
+    @property
+    def key(self) -> str:
+        """The stat name in the store."""
+        return self.stat if self.where == "input" else f"{self.stat}@output"
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        """Whether this request applies to ``module`` named ``name``."""
+        return isinstance(module, self.module_types) and re.search(self.pattern, name) is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description (recorded in the store's meta.json)."""
+        types = [f"{t.__module__}.{t.__qualname__}" for t in self.module_types]
+        return {"pattern": self.pattern, "stat": self.stat, "where": self.where, "module_types": types}
+
+
+def resolve(
+    model: nn.Module, requests: Sequence[StatRequest], *, within: nn.Module | None = None
+) -> list[tuple[str, nn.Module, StatRequest]]:
+    """(qualified name, module, request) for every match, optionally only inside ``within``."""
+    inside = None if within is None else {id(m) for m in within.modules()}
+    out, seen = [], set()
+    for name, module in model.named_modules():
+        if inside is not None and id(module) not in inside:
+            continue
+        for req in requests:
+            if (name, req.key) not in seen and req.matches(name, module):
+                seen.add((name, req.key))
+                out.append((name, module, req))
+    return out
+
+
+def _check_all_match(model: nn.Module, requests: Sequence[StatRequest]) -> list[tuple[str, nn.Module, StatRequest]]:
+    named = list(model.named_modules())
+    for req in requests:
+        if not any(req.matches(name, module) for name, module in named):
+            types = ", ".join(t.__name__ for t in req.module_types)
+            raise EdgeCompressError(
+                f"statistic request {req.pattern!r} ({req.stat}) matches no {types} module",
+                hint="check the pattern against the names in model.named_modules()",
+            )
+    return resolve(model, requests)
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in ("input", "hidden_states", "x"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    raise TypeError("cannot find the input tensor of a hooked module")
+
+
+def _main_output(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output (tensor, tuple, or HF ModelOutput)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    elif hasattr(output, "to_tuple"):
+        output = output.to_tuple()[0]
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"expected a tensor output, got {type(output).__name__}")
+    return output
+
+
+@contextlib.contextmanager
+def observe(
+    model: nn.Module, requests: Sequence[StatRequest], *, within: nn.Module | None = None
+) -> Iterator[ObserverMap]:
+    """Attach observers per ``requests``; yields ``{(module name, stat key): observer}``.
+
+    Every hook is removed when the block exits, also when the forward raises.
+    """
+    observers: ObserverMap = {}
+    handles = []
+    try:
+        for name, module, req in resolve(model, requests, within=within):
+            obs = OBSERVERS[req.stat]()
+            observers[(name, req.key)] = obs
+            if req.where == "input":
+
+                def hook(_m: nn.Module, args: tuple, kwargs: dict, _out: Any, obs: Observer = obs) -> None:
+                    obs.update(_first_tensor(args, kwargs))
+
+            else:
+
+                def hook(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any, obs: Observer = obs) -> None:
+                    obs.update(_main_output(out))
+
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        yield observers
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def default_forward(model: nn.Module, batch: Batch) -> Any:
+    """``model(input_ids=batch)`` (``model(**batch)`` for a dict), with ``use_cache=False`` for HF models."""
+    device = next(iter(model.parameters())).device
+    if isinstance(batch, dict):
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    else:
+        inputs = {"input_ids": batch.to(device)}
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        inputs.setdefault("use_cache", False)
+    return model(**inputs)
+
+
+def _iter_batches(batches: Iterable[Batch] | torch.Tensor, batch_size: int) -> tuple[Iterable[Batch], int | None]:
+    if isinstance(batches, torch.Tensor):
+        rows = batches.unsqueeze(0) if batches.dim() == 1 else batches
+        return rows.split(batch_size), -(-rows.shape[0] // batch_size)
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    return ((b.unsqueeze(0) if isinstance(b, torch.Tensor) and b.dim() == 1 else b) for b in batches), total
+
+
+def _progress(items: Iterable[Any], total: int | None, description: str, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        yield from bar.track(items, total=total, description=description)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _record(store: StatsStore, observers: ObserverMap, requests: Sequence[StatRequest]) -> None:
+    for (name, key), obs in observers.items():
+        store.add_observer(name, key, obs)
+    for req in requests:
+        if req.to_dict() not in store.requests:
+            store.requests.append(req.to_dict())
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Batch] | torch.Tensor,
+    requests: Sequence[StatRequest],
+    *,
+    store: StatsStore | None = None,
+    progress: bool = False,
+    forward: ForwardFn | None = None,
+    batch_size: int = 1,
+) -> StatsStore:
+    """Run ``forward(model, batch)`` under ``torch.no_grad()`` and eval mode, observing ``requests``.
+
+    ``batches`` is an iterable of batches or a ``[N, T]`` tensor split into
+    ``batch_size`` rows. Results are merged into ``store`` (a new one when None) and
+    the store is returned. A request that matches no module is an EdgeCompressError.
+    """
+    store = store if store is not None else StatsStore()
+    forward = forward or default_forward
+    log.debug("calibrating %d (module, stat) pairs", len(_check_all_match(model, requests)))
+    items, total = _iter_batches(batches, batch_size)
+    with torch.no_grad(), _eval_mode(model), observe(model, requests) as observers:
+        for batch in _progress(items, total, "calibrating", progress):
+            forward(model, batch)
+    _record(store, observers, requests)
+    return store
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end a forward pass at the first block."""
+
+
+def _capture_block_inputs(
+    model: nn.Module, block: nn.Module, items: Iterable[Batch], total: int | None, forward: ForwardFn, progress: bool
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    cache: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def grab(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        for key in ("past_key_values", "past_key_value"):
+            if key in kwargs:
+                kwargs[key] = None
+        cache.append((tuple(args), kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in _progress(items, total, "capturing block inputs", progress):
+            before = len(cache)
+            try:
+                forward(model, batch)
+            except _StopForward:
+                pass
+            if len(cache) == before:
+                raise EdgeCompressError("the forward pass never reached the first block", hint="check `blocks`")
+    finally:
+        handle.remove()
+    return cache
+
+
+def _with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    raise TypeError("cannot find where to feed the hidden states of the next block")
+
+
+def sequential_calibrate(
+    model: nn.Module,
+    batches: Iterable[Batch] | torch.Tensor,
+    blocks: nn.ModuleList | Sequence[nn.Module],
+    requests: Sequence[StatRequest],
+    on_block: Callable[[int, nn.Module, StatsStore], None],
+    *,
+    store: StatsStore | None = None,
+    progress: bool = False,
+    forward: ForwardFn | None = None,
+    batch_size: int = 1,
+) -> StatsStore:
+    """Calibrate block by block, letting ``on_block`` modify each block before the next sees it.
+
+    The inputs (positional and keyword) of ``blocks[0]`` are captured for every batch
+    (the forward stops there). Then for each block ``i``: run it on the cached inputs
+    while observing the requested modules inside it (names relative to ``model``),
+    call ``on_block(i, block, store)`` (with the caller's grad mode), and recompute the
+    block's outputs with the possibly modified block as the inputs of block ``i + 1``.
+    Every request must match modules inside ``blocks`` only.
+    """
+    store = store if store is not None else StatsStore()
+    forward = forward or default_forward
+    blocks = list(blocks)
+    inside = {id(m) for b in blocks for m in b.modules()}
+    outside = sorted({name for name, module, _ in _check_all_match(model, requests) if id(module) not in inside})
+    if outside:
+        raise EdgeCompressError(
+            f"sequential calibration only observes modules inside the blocks; outside: {', '.join(outside)}",
+            hint="narrow the pattern, or use calibrate() for those modules",
+        )
+    items, total = _iter_batches(batches, batch_size)
+    with _eval_mode(model):
+        with torch.no_grad():
+            cache = _capture_block_inputs(model, blocks[0], items, total, forward, progress)
+        log.debug("captured block-0 inputs of %d batches; calibrating %d blocks", len(cache), len(blocks))
+        for i, block in enumerate(_progress(blocks, len(blocks), "calibrating blocks", progress)):
+            with torch.no_grad(), observe(model, requests, within=block) as observers:
+                for args, kwargs in cache:
+                    block(*args, **kwargs)
+            _record(store, observers, requests)
+            on_block(i, block, store)
+            if i + 1 < len(blocks):
+                with torch.no_grad():
+                    for j, (args, kwargs) in enumerate(cache):
+                        cache[j] = _with_hidden(args, kwargs, _main_output(block(*args, **kwargs)))
+    return store

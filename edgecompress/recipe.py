@@ -1,0 +1,809 @@
+"""The recipe schema: YAML validated by frozen pydantic models that forbid unknown keys.
+
+A recipe names a model, how to calibrate it, an ordered list of compression steps, the
+export targets, and optionally an accuracy check and a benchmark::
+
+    recipe = load_recipe("recipes/smollm2-135m-int4.yaml")
+    recipe.steps[0].bits            # 4
+    recipe_to_dict(recipe)          # plain JSON-able dict (goes into the artifact manifest)
+
+Every problem in a recipe is reported at once, in ONE :class:`~edgecompress.errors.RecipeError`,
+one problem per line, each naming the file, the recipe line, the dotted key path and the
+valid choices::
+
+    recipes/x.yaml line 12: steps[0].quantize.bitz: unknown key; valid keys: bits, ... (did you mean 'bits'?)
+    recipes/x.yaml line 13: steps[0].quantize.bits: 5 is not one of 4, 8
+
+Adding a step type: write a ``StepConfig`` subclass with ``step_type = "name"`` and register it
+in :data:`STEP_TYPES` (and extend the ``Step`` alias for type checkers); the YAML form
+``- name: {...}``, its error messages and ``recipe_to_dict`` follow from the registration.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetPydanticSchema,
+    PlainSerializer,
+    SerializationInfo,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .errors import RecipeError
+
+__all__ = [
+    "STEP_TYPES",
+    "BenchSpec",
+    "CalibrationSpec",
+    "CheckSpec",
+    "ExportSpec",
+    "ModelSpec",
+    "QuantizeStep",
+    "Recipe",
+    "Step",
+    "StepConfig",
+    "Thresholds",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_to_dict",
+    "register_step_type",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+# --------------------------------------------------------------------------------------
+# Reusable field types
+# --------------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    """A short, YAML-flavoured rendering of a user value for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        text = "a mapping " + repr(value)
+    elif isinstance(value, (list, tuple)):
+        text = "a list " + repr(list(value))
+    else:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _choice(*choices: Any, note: str = "") -> Any:
+    """``Literal[choices]`` that rejects look-alikes (``true`` for 1, ``4.0`` for 4) with a clear message."""
+    shown = ", ".join(_show(c) for c in choices)
+
+    def check(value: Any) -> Any:
+        ok = any(type(value) is type(c) and value == c for c in choices)
+        if not ok:
+            raise PydanticCustomError(
+                "choice_error", "{value} is not one of {choices}{note}",
+                {"value": _show(value), "choices": shown, "note": note},
+            )
+        return value
+
+    return Annotated[Literal[choices], BeforeValidator(check)]  # type: ignore[valid-type]
+
+
+_SLUG_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+
+def _check_slug(value: str) -> str:
+    if not _SLUG_RE.fullmatch(value) or len(value) > 100:
+        raise PydanticCustomError(
+            "slug_error",
+            "{value} is not a valid name: use lower-case letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 100 characters); it becomes a folder name",
+            {"value": _show(value)},
+        )
+    return value
+
+
+#: A name that is used as a folder name: ``[a-z0-9][a-z0-9._-]*``.
+Slug = Annotated[StrictStr, AfterValidator(_check_slug)]
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise PydanticCustomError(
+            "regex_error", "invalid regular expression {value}: {error}",
+            {"value": _show(value), "error": str(exc)},
+        ) from None
+    return value
+
+
+Regex = Annotated[StrictStr, AfterValidator(_check_regex)]
+
+
+def _listify(value: Any) -> Any:
+    """Let a single string stand for a one-item list (``targets: '.*'``)."""
+    return [value] if isinstance(value, str) else value
+
+
+_DATA_RE = re.compile(r"pydoc:[a-z0-9_]+")
+
+
+def _check_data(value: str) -> str:
+    if _DATA_RE.fullmatch(value) or value.lower().endswith((".txt", ".jsonl")):
+        return value
+    raise PydanticCustomError(
+        "data_error",
+        "{value} is not a data source: use 'pydoc:calib', 'pydoc:eval' or a path to a .txt or .jsonl file",
+        {"value": _show(value)},
+    )
+
+
+DataSource = Annotated[StrictStr, AfterValidator(_check_data)]
+
+# Choice types: extend a Literal here to add an option (e.g. a new quantization method).
+QuantMethod = _choice("rtn")
+Bits = _choice(4, 8)
+GroupSize = Annotated[
+    _choice(32, 64, 128, None, note=" (null or 0 = per-channel)"),
+    BeforeValidator(lambda v: None if (type(v) is int and v == 0) else v),
+]
+ScaleDtype = _choice("float16", "float32")
+ExportFormat = _choice("onnx")
+ExportTarget = _choice("cpu")
+AccuracyLevel = _choice(0, 1, 2, 3, 4)
+Runtime = _choice("ort-cpu", "torch")
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+_MODULE_FUNCTION_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+class ModelSpec(BaseModel):
+    """Which model to compress."""
+
+    model_config = _FROZEN
+
+    source: StrictStr = Field(
+        min_length=1,
+        description="The model: a zoo alias (smollm2-135m, tiny-llama), a Hugging Face folder, "
+        "a .gguf file, or module:function returning a torch model (needs allow_code: true).",
+    )
+    allow_code: StrictBool = Field(
+        False,
+        description="Allow a module:function source, which imports and runs Python code named by the recipe.",
+    )
+
+    @property
+    def is_module_function(self) -> bool:
+        """True when ``source`` has the ``module:function`` form (Python code)."""
+        return _is_module_function(self.source)
+
+    @model_validator(mode="after")
+    def _code_needs_consent(self) -> ModelSpec:
+        if self.is_module_function and not self.allow_code:
+            raise _located_error(
+                ("source",), self.source, "code_not_allowed",
+                "{value} is a module:function source, which imports and runs Python code; "
+                "add 'allow_code: true' under model: to allow it",
+                {"value": _show(self.source)},
+            )
+        return self
+
+
+def _is_module_function(source: str) -> bool:
+    return bool(_MODULE_FUNCTION_RE.fullmatch(source)) and not source.lower().endswith(".gguf")
+
+
+class CalibrationSpec(BaseModel):
+    """The data fed through the model to calibrate the compression steps."""
+
+    model_config = _FROZEN
+
+    data: DataSource = Field(
+        "pydoc:calib",
+        description="Calibration text: 'pydoc:calib' (built-in Python documentation) or a path to a .txt/.jsonl file.",
+    )
+    samples: StrictInt = Field(32, ge=1, description="Number of calibration sequences.")
+    seq_len: StrictInt = Field(512, ge=8, description="Tokens per calibration sequence.")
+    seed: StrictInt = Field(0, ge=0, description="Random seed for picking the calibration windows.")
+    batch_size: StrictInt = Field(1, ge=1, description="Sequences per forward pass during calibration.")
+
+
+class StepConfig(BaseModel):
+    """Base class of every compression step; subclasses set ``step_type`` and register in STEP_TYPES."""
+
+    model_config = _FROZEN
+
+    step_type: ClassVar[str] = ""
+
+
+class QuantizeStep(StepConfig):
+    """Weight-only quantization of the Linear layers (and optionally the token embedding)."""
+
+    step_type: ClassVar[str] = "quantize"
+
+    method: QuantMethod = Field(
+        "rtn", description="Quantization algorithm: rtn (round-to-nearest)."
+    )
+    bits: Bits = Field(4, description="Weight bits: 4 or 8.")
+    group_size: GroupSize = Field(
+        None,
+        description="Weights per scale: 32, 64 or 128; null or 0 = one scale per output channel. "
+        "Default: 128 for 4-bit, per-channel for 8-bit.",
+    )
+    symmetric: StrictBool = Field(True, description="Symmetric quantization (no zero point).")
+    targets: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (".*",), min_length=1,
+        description="Regexes (re.search) over module names selecting the layers to quantize.",
+    )
+    ignore: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (), description="Regexes (re.search) over module names to leave unquantized, even if targeted."
+    )
+    embeddings: StrictBool = Field(
+        True, description="Quantize the token embedding too (and the tied lm_head with it)."
+    )
+    scale_dtype: ScaleDtype = Field(
+        "float16", description="Storage dtype of the scales in the artifact: float16 or float32."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_group_size(cls, data: Any) -> Any:
+        # int4 defaults to groups of 128; int8 to per-channel.
+        if isinstance(data, dict) and "group_size" not in data:
+            data = {**data, "group_size": None if data.get("bits", 4) == 8 else 128}
+        return data
+
+
+#: Registered step types: the YAML key of a step item -> its config model.
+STEP_TYPES: dict[str, type[StepConfig]] = {
+    QuantizeStep.step_type: QuantizeStep,
+}
+
+
+def _build_step_entry() -> type[BaseModel]:
+    """A model with one optional field per step type: validates ``{step_type: config}``."""
+    fields: dict[str, Any] = {
+        name: (cls | None, Field(None, description=(cls.__doc__ or "").strip().split("\n")[0] or None))
+        for name, cls in STEP_TYPES.items()
+    }
+    return create_model("StepEntry", __config__=_FROZEN, **fields)
+
+
+def register_step_type(cls: type[StepConfig]) -> type[StepConfig]:
+    """Make ``cls`` available as ``- <cls.step_type>: {...}`` in recipes (usable as a decorator).
+
+    Shipped step types are listed in :data:`STEP_TYPES` directly; this is for adding one later.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, StepConfig)) or not cls.step_type:
+        raise TypeError("a step type is a StepConfig subclass with a non-empty step_type")
+    if STEP_TYPES.get(cls.step_type, cls) is not cls:
+        raise ValueError(f"step type {cls.step_type!r} is already registered")
+    STEP_TYPES[cls.step_type] = cls
+    _rebuild_steps()
+    return cls
+
+
+def _rebuild_steps() -> None:
+    """Rebuild the step-item model (and the Recipe schema using it) from STEP_TYPES."""
+    global _StepEntry
+    _StepEntry = _build_step_entry()
+    recipe_cls = globals().get("Recipe")
+    if recipe_cls is not None:
+        recipe_cls.model_rebuild(force=True)
+
+
+_StepEntry = _build_step_entry()
+_STEP_EXAMPLE = "a one-key mapping like '- quantize: {bits: 4}'"
+
+
+def _validate_step(value: Any, handler: Any) -> StepConfig:
+    if isinstance(value, StepConfig):
+        return value
+    valid = ", ".join(STEP_TYPES)
+    if not isinstance(value, dict) or not value:
+        raise PydanticCustomError(
+            "step_shape", "expected {example}, got {got}; step types: {valid}",
+            {"example": _STEP_EXAMPLE, "got": _show(value), "valid": valid},
+        )
+    # `- quantize:` with nothing under it means "all defaults".
+    value = {k: ({} if (v is None and k in STEP_TYPES) else v) for k, v in value.items()}
+    known = [k for k in value if k in STEP_TYPES]
+    # Unknown keys are reported (with the valid step types) by the entry model's extra=forbid.
+    entry = handler(value)
+    if len(known) > 1:
+        raise PydanticCustomError(
+            "step_shape", "one step per list item, got {keys}; write each as its own '- {first}: ...' item",
+            {"keys": ", ".join(known), "first": known[0]},
+        )
+    return getattr(entry, known[0])
+
+
+def _dump_step(step: StepConfig, info: SerializationInfo) -> dict[str, Any]:
+    return {step.step_type: step.model_dump(mode=info.mode)}
+
+
+#: One item of ``steps``: in YAML ``{step_type: config}``, in Python the config model.
+Step = Annotated[
+    StepConfig,
+    GetPydanticSchema(lambda _source, handler: handler(_StepEntry)),  # validation + JSON schema
+    WrapValidator(_validate_step),
+    PlainSerializer(_dump_step, return_type=dict),
+]
+
+
+class ExportSpec(BaseModel):
+    """One export target: a runnable file set in its own sub-folder of the artifact."""
+
+    model_config = _FROZEN
+
+    format: ExportFormat = Field("onnx", description="Export format: onnx.")
+    name: Slug | None = Field(
+        None,
+        description="Sub-folder name of this target, unique within the recipe; default: format + index (onnx0, onnx1, ...).",
+    )
+    target: ExportTarget = Field("cpu", description="Hardware the export is built for: cpu.")
+    accuracy_level: AccuracyLevel = Field(
+        4,
+        description="MatMulNBits accuracy_level, 0-4 (4 = int8 activations in the matmul on CPU).",
+    )
+    opset: StrictInt = Field(21, ge=17, description="ONNX opset version (>= 17).")
+    fuse_qkv: StrictBool = Field(
+        True, description="Fuse q/k/v and gate/up projections into one MatMulNBits each."
+    )
+    reference: StrictBool = Field(
+        False,
+        description="Export the UNCOMPRESSED model instead (the steps are not applied), for side-by-side runs.",
+    )
+
+
+class Thresholds(BaseModel):
+    """Pass/fail bounds of the accuracy check; a metric fails when it crosses its bound."""
+
+    model_config = _FROZEN
+
+    perplexity_ratio: StrictFloat | None = Field(
+        None, gt=0, description="Max perplexity(compressed) / perplexity(reference)."
+    )
+    kl: StrictFloat | None = Field(
+        None, ge=0, description="Max mean KL divergence of the next-token distributions (reference || compressed)."
+    )
+    top1_agreement: StrictFloat | None = Field(
+        None, ge=0, le=1, description="Min fraction of positions where both models' top-1 token agree."
+    )
+
+
+class CheckSpec(BaseModel):
+    """Accuracy check of one export target against the uncompressed model."""
+
+    model_config = _FROZEN
+
+    runtime: Runtime = Field("ort-cpu", description="Runtime to run the export on: ort-cpu or torch.")
+    export: Slug | None = Field(
+        None, description="Name of the export target to check; default: the first non-reference one."
+    )
+    data: DataSource = Field(
+        "pydoc:eval", description="Evaluation text: 'pydoc:eval' or a path to a .txt/.jsonl file."
+    )
+    seq_len: StrictInt = Field(512, ge=8, description="Tokens per evaluation window.")
+    windows: StrictInt = Field(8, ge=1, description="Number of evaluation windows.")
+    thresholds: Annotated[Thresholds, BeforeValidator(lambda v: {} if v is None else v)] = Field(
+        default_factory=Thresholds,
+        description="Bounds that fail the check: perplexity_ratio (max), kl (max), top1_agreement (min).",
+    )
+
+
+class BenchSpec(BaseModel):
+    """Speed benchmark of one or more export targets, side by side."""
+
+    model_config = _FROZEN
+
+    runtime: Runtime = Field("ort-cpu", description="Runtime to benchmark on: ort-cpu or torch.")
+    export: Annotated[tuple[Slug, ...] | None, BeforeValidator(_listify)] = Field(
+        None, min_length=1, description="Names of the export targets to benchmark; default: all of them."
+    )
+    prompt_tokens: StrictInt = Field(512, ge=1, description="Prompt length (prefill tokens).")
+    new_tokens: StrictInt = Field(128, ge=1, description="Tokens generated after the prompt (decode).")
+    threads: StrictInt = Field(2, ge=1, description="CPU threads for the runtime.")
+    repeats: StrictInt = Field(3, ge=1, description="Timed repetitions (the median is reported).")
+
+
+class Recipe(BaseModel):
+    """A compression recipe: model, calibration, steps, exports, check and bench."""
+
+    model_config = _FROZEN
+
+    name: Slug = Field(description="Recipe name, [a-z0-9._-]+; used as the artifact folder name.")
+    description: StrictStr | None = Field(None, description="Free text describing the recipe.")
+    model: ModelSpec = Field(description="The model to compress.")
+    calibration: Annotated[CalibrationSpec, BeforeValidator(lambda v: {} if v is None else v)] = Field(
+        default_factory=CalibrationSpec, description="Calibration data for the steps."
+    )
+    steps: Annotated[tuple[Step, ...], BeforeValidator(lambda v: () if v is None else v)] = Field(
+        (), description="Ordered compression steps; each item is a one-key mapping {step_type: config}."
+    )
+    export: tuple[ExportSpec, ...] = Field(min_length=1, description="Export targets, at least one.")
+    check: CheckSpec | None = Field(None, description="Optional accuracy check of one export target.")
+    bench: BenchSpec | None = Field(None, description="Optional speed benchmark of export targets.")
+
+    # -- cross-field checks (field validators run in field order, so `export` is in info.data)
+
+    @field_validator("export")
+    @classmethod
+    def _name_exports(cls, exports: tuple[ExportSpec, ...]) -> tuple[ExportSpec, ...]:
+        named = tuple(
+            e if e.name is not None else e.model_copy(update={"name": f"{e.format}{i}"})
+            for i, e in enumerate(exports)
+        )
+        seen: dict[str, int] = {}
+        problems = []
+        for i, e in enumerate(named):
+            if e.name in seen:
+                problems.append(_detail(
+                    (i, "name"), e.name, "duplicate_export",
+                    "duplicate export name {value} (also export[{first}]); export names must be unique",
+                    {"value": _show(e.name), "first": seen[e.name]},
+                ))
+            else:
+                seen[e.name] = i  # type: ignore[index]
+        if problems:
+            raise ValidationError.from_exception_data("ExportSpec", problems)
+        return named
+
+    @field_validator("check")
+    @classmethod
+    def _resolve_check(cls, check: CheckSpec | None, info: ValidationInfo) -> CheckSpec | None:
+        exports: tuple[ExportSpec, ...] | None = info.data.get("export")
+        if check is None or not exports:
+            return check
+        names = [e.name for e in exports]
+        if check.export is None:
+            first = next((e for e in exports if not e.reference), exports[0])
+            return check.model_copy(update={"export": first.name})
+        if check.export not in names:
+            raise _unknown_export(("export",), check.export, names)
+        return check
+
+    @field_validator("bench")
+    @classmethod
+    def _resolve_bench(cls, bench: BenchSpec | None, info: ValidationInfo) -> BenchSpec | None:
+        exports: tuple[ExportSpec, ...] | None = info.data.get("export")
+        if bench is None or not exports:
+            return bench
+        names = [e.name for e in exports]
+        if bench.export is None:
+            return bench.model_copy(update={"export": tuple(names)})
+        problems = [
+            _unknown_export_detail(("export", i), n, names)
+            for i, n in enumerate(bench.export) if n not in names
+        ]
+        if problems:
+            raise ValidationError.from_exception_data("BenchSpec", problems)
+        return bench
+
+    # -- conveniences
+
+    def export_named(self, name: str) -> ExportSpec:
+        """The export target called ``name`` (RecipeError if there is none)."""
+        for e in self.export:
+            if e.name == name:
+                return e
+        raise RecipeError(
+            f"recipe {self.name!r} has no export target {name!r}",
+            hint="export targets: " + ", ".join(str(e.name) for e in self.export),
+        )
+
+
+def _detail(loc: tuple, value: Any, kind: str, message: str, ctx: dict) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError(kind, message, ctx), loc=loc, input=value)
+
+
+def _located_error(loc: tuple, value: Any, kind: str, message: str, ctx: dict) -> ValidationError:
+    return ValidationError.from_exception_data("Recipe", [_detail(loc, value, kind, message, ctx)])
+
+
+def _unknown_export_detail(loc: tuple, name: str, names: list) -> InitErrorDetails:
+    return _detail(
+        loc, name, "unknown_export", "{value} is not an export target; export targets: {names}{suggest}",
+        {"value": _show(name), "names": ", ".join(names), "suggest": _suggest(name, names)},
+    )
+
+
+def _unknown_export(loc: tuple, name: str, names: list) -> ValidationError:
+    return ValidationError.from_exception_data("Recipe", [_unknown_export_detail(loc, name, names)])
+
+
+def _suggest(word: Any, choices: list) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------------------
+# YAML with line numbers
+# --------------------------------------------------------------------------------------
+
+_MAX_LINE_ENTRIES = 100_000  # guards the walk against alias bombs
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that records the line of every mapping key and sequence item by path."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.lines: dict[tuple, int] = {}
+        self.duplicates: list[tuple[tuple, int, int]] = []  # (path, line, first line)
+
+    def load_with_lines(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self.lines[()] = node.start_mark.line + 1
+        self._walk(node, (), set())
+        return self.construct_document(node)
+
+    def _walk(self, node: yaml.Node, path: tuple, active: set[int]) -> None:
+        if id(node) in active or len(self.lines) > _MAX_LINE_ENTRIES:
+            return  # recursive alias, or a pathological file
+        active = active | {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # construction reports unhashable keys
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    self.duplicates.append((path + (key,), line, first_line[key]))
+                    continue
+                first_line[key] = line
+                self.lines[path + (key,)] = line
+                self._walk(value_node, path + (key,), active)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[path + (i,)] = item.start_mark.line + 1
+                self._walk(item, path + (i,), active)
+
+
+def _load_yaml(text: str, source: str) -> tuple[Any, _LineLoader]:
+    loader = _LineLoader(text)
+    try:
+        data = loader.load_with_lines()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        col = f" (column {mark.column + 1})" if mark is not None else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise RecipeError(
+            f"{source}{where}: YAML syntax error{col}: {problem}",
+            hint="check the indentation (spaces, not tabs), colons and quoting on that line",
+        ) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: YAML syntax error: {exc}") from None
+    finally:
+        loader.dispose()
+    return data, loader
+
+
+# --------------------------------------------------------------------------------------
+# ValidationError -> one RecipeError
+# --------------------------------------------------------------------------------------
+
+
+def _format_path(loc: tuple) -> str:
+    out = ""
+    for el in loc:
+        if isinstance(el, int) and not isinstance(el, bool):
+            out += f"[{el}]"
+        else:
+            out += ("." if out else "") + str(el)
+    return out
+
+
+def _line_for(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+class _StepMarker:
+    """Stands for "a step item" while walking the schema along an error location."""
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            args = get_args(tp)
+            if args[0] is StepConfig:
+                return _StepMarker
+            tp = args[0]
+        elif origin is Union or origin is types.UnionType:
+            rest = [a for a in get_args(tp) if a is not type(None)]
+            if len(rest) != 1:
+                return tp
+            tp = rest[0]
+        else:
+            return tp
+
+
+def _schema_at(loc: tuple) -> Any:
+    """The model class (or _StepMarker) that the location ``loc`` points into, or None."""
+    cur: Any = Recipe
+    for el in loc:
+        if cur is _StepMarker:
+            cur = STEP_TYPES.get(el) if isinstance(el, str) else None
+        elif isinstance(cur, type) and issubclass(cur, BaseModel):
+            field = cur.model_fields.get(el) if isinstance(el, str) else None
+            if field is None:
+                return None
+            cur = _unwrap(field.annotation)
+            if cur is StepConfig:
+                cur = _StepMarker
+        elif get_origin(cur) is tuple and isinstance(el, int):
+            cur = _unwrap(get_args(cur)[0])
+        else:
+            return None
+        if cur is None:
+            return None
+    return cur
+
+
+def _field_at(loc: tuple) -> Any:
+    parent = _schema_at(loc[:-1]) if loc else None
+    if isinstance(parent, type) and issubclass(parent, BaseModel) and isinstance(loc[-1], str):
+        return parent.model_fields.get(loc[-1])
+    return None
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "a string",
+    "tuple_type": "a list", "list_type": "a list",
+    "model_type": "a mapping", "model_attributes_type": "a mapping", "dict_type": "a mapping",
+}
+
+
+def _describe(err: dict) -> str:
+    kind, loc, value = err["type"], tuple(err["loc"]), err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        parent = _schema_at(loc[:-1])
+        key = loc[-1] if loc else "?"
+        if parent is _StepMarker:
+            valid = sorted(STEP_TYPES)
+            return f"unknown step type; valid step types: {', '.join(valid)}{_suggest(key, valid)}"
+        if isinstance(parent, type) and issubclass(parent, BaseModel):
+            valid = sorted(parent.model_fields)
+            return f"unknown key; valid keys: {', '.join(valid)}{_suggest(key, valid)}"
+        return "unknown key"
+    if kind == "missing":
+        field = _field_at(loc)
+        desc = f" ({field.description.rstrip('.')})" if field is not None and field.description else ""
+        return f"missing required key{desc}"
+    if kind in _TYPE_WORDS:
+        return f"expected {_TYPE_WORDS[kind]}, got {_show(value)}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()), "?")
+        return f"must be {op} {bound}, got {_show(value)}"
+    if kind in ("too_short", "string_too_short"):
+        n = ctx.get("min_length", 1)
+        what = "character" if kind == "string_too_short" else "item"
+        return f"must have at least {n} {what}{'s' if n != 1 else ''}, got {_show(value)}"
+    if kind == "invalid_key":
+        return f"keys must be strings, got {_show(value)}"
+    if kind == "literal_error":
+        return f"{_show(value)} is not one of {ctx.get('expected', '?')}"
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    return str(err.get("msg", kind))
+
+
+def _to_recipe_error(
+    errors: list[tuple[int | None, str, str]], source: str
+) -> RecipeError:
+    errors = sorted(errors, key=lambda e: (e[0] is None, e[0] or 0))
+    lines = []
+    for line, path, msg in errors:
+        where = f"{source} line {line}" if line is not None else source
+        lines.append(f"{where}: {path}: {msg}" if path else f"{where}: {msg}")
+    err = RecipeError(
+        "\n".join(lines),
+        hint="run `edgecompress explain` to list every recipe key with its choices",
+    )
+    err.problems = errors  # type: ignore[attr-defined]
+    return err
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
+    """Validate recipe YAML ``text``; ``source_name`` prefixes every error line."""
+    data, loader = _load_yaml(text, source_name)
+    if data is None:
+        raise RecipeError(
+            f"{source_name}: the recipe is empty",
+            hint="a recipe needs at least: name, model: {source: ...}, steps, export",
+        )
+    if not isinstance(data, dict):
+        line = loader.lines.get((), 1)
+        raise RecipeError(
+            f"{source_name} line {line}: the top level of a recipe must be a mapping of keys "
+            f"({', '.join(Recipe.model_fields)}), got {_show(data)}",
+        )
+    problems: list[tuple[int | None, str, str]] = [
+        (line, _format_path(path), f"duplicate key (first set on line {first})")
+        for path, line, first in loader.duplicates
+    ]
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        nested = [tuple(e["loc"]) for e in errors]
+        for err in errors:
+            loc = tuple(err["loc"])
+            if err["type"] == "too_short" and any(len(n) > len(loc) and n[: len(loc)] == loc for n in nested):
+                continue  # pydantic counts only the valid items; the item errors say it all
+            problems.append((_line_for(loc, loader.lines), _format_path(loc), _describe(err)))
+    if problems or recipe is None:
+        raise _to_recipe_error(problems, source_name)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate the recipe file at ``path`` (RecipeError on any problem)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise RecipeError(
+            f"recipe file not found: {p}",
+            hint="pass the path of a .yaml recipe, e.g. recipes/smollm2-135m-int4.yaml",
+        ) from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe path is a folder, not a file: {p}",
+                          hint="pass the path of a .yaml recipe file") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start})",
+                          hint="a recipe is a UTF-8 YAML text file") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {p}: {exc.strerror or exc}") from None
+    return parse_recipe(text, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """A plain JSON-able dict of ``recipe`` (defaults resolved) that ``parse_recipe`` accepts back."""
+    return recipe.model_dump(mode="json")
