@@ -1,0 +1,190 @@
+"""Packed integer weight formats.
+
+A format owns its host packing and its pure-torch reference ``to_float()``: every kernel
+(ONNX Runtime's ``MatMulNBits``/``GatherBlockQuantized``/``DequantizeLinear``, later TVM and
+CUDA) is tested against ``to_float()``. The ONNX emission of a format lives in
+``edgecompress.export.onnx_formats`` next to nothing else, and uses only the fields below.
+
+Layout (shared with ONNX Runtime's ``MatMulNBits``): a weight ``W[N, K]`` (``nn.Linear``
+layout: N outputs, K inputs) is cut into blocks of ``block_size`` along K; the last block
+is zero-padded. Quantized values are unsigned ``q in [0, 2**bits)``; ``w = (q - zp) * scale``.
+For ``bits == 4`` two values share a byte, the lower-index value in the low nibble.
+Symmetric formats store no zero point: it is implied as ``2**(bits-1)`` (ONNX Runtime's
+default for ``MatMulNBits`` and ``GatherBlockQuantized``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How to quantize one weight tensor."""
+
+    bits: int = 4
+    block_size: int = 128  # 0 means one block per output row (per-channel)
+    symmetric: bool = True
+    scale_dtype: str = "float16"  # scales are rounded to this storage dtype before coding
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.block_size < 0:
+            raise ValueError(f"block_size must be >= 0, got {self.block_size}")
+
+
+@dataclass
+class BlockQuantizedTensor:
+    """A 2-D weight ``[N, K]`` quantized in blocks along K.
+
+    ``qweight``: uint8 ``[N, n_blocks, bytes_per_block]``;
+    ``scales``: float32 ``[N, n_blocks]``;
+    ``zero_points``: uint8 ``[N, n_blocks]`` unpacked (one value per block) or None (symmetric).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor | None
+    bits: int
+    block_size: int
+    shape: tuple[int, int]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.qweight.shape[1]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    @property
+    def default_zero_point(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def unpacked(self) -> torch.Tensor:
+        """Unsigned codes ``[N, n_blocks * block_size]`` (uint8, padding included)."""
+        return unpack_codes(self.qweight, self.bits, self.block_size)
+
+    def to_float(self) -> torch.Tensor:
+        """Pure-torch dequantization to float32 ``[N, K]``: the reference for every kernel."""
+        n, k = self.shape
+        q = self.unpacked().view(n, self.n_blocks, self.block_size).to(torch.float32)
+        zp = self.zero_points.to(torch.float32) if self.zero_points is not None else torch.full(
+            (n, self.n_blocks), float(self.default_zero_point)
+        )
+        w = (q - zp.unsqueeze(-1)) * self.scales.to(torch.float32).unsqueeze(-1)
+        return w.reshape(n, -1)[:, :k].contiguous()
+
+    def storage_bits(self, scale_bits: int = 16) -> int:
+        """Bits this tensor occupies when stored (codes + scales at ``scale_bits`` + zero points)."""
+        n = self.shape[0]
+        codes = n * self.n_blocks * self.block_size * self.bits
+        scales = n * self.n_blocks * scale_bits
+        zps = n * self.n_blocks * self.bits if self.zero_points is not None else 0
+        return codes + scales + zps
+
+    def bits_per_weight(self, scale_bits: int = 16) -> float:
+        return self.storage_bits(scale_bits) / (self.shape[0] * self.shape[1])
+
+    def cat_rows(self, *others: BlockQuantizedTensor) -> BlockQuantizedTensor:
+        """Concatenate along N (fusing q/k/v or gate/up); all parts must share the scheme."""
+        parts = (self, *others)
+        for p in others:
+            if (p.bits, p.block_size, p.shape[1], p.symmetric) != (
+                self.bits, self.block_size, self.shape[1], self.symmetric
+            ):
+                raise ValueError("cannot fuse block-quantized tensors with different schemes")
+        zp = None if self.symmetric else torch.cat([p.zero_points for p in parts])
+        return BlockQuantizedTensor(
+            qweight=torch.cat([p.qweight for p in parts]),
+            scales=torch.cat([p.scales for p in parts]),
+            zero_points=zp,
+            bits=self.bits,
+            block_size=self.block_size,
+            shape=(sum(p.shape[0] for p in parts), self.shape[1]),
+        )
+
+
+def pack_codes(q: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """Pack unsigned codes ``[N, n_blocks * block_size]`` into uint8 ``[N, n_blocks, bytes]``."""
+    n, total = q.shape
+    q = q.to(torch.uint8)
+    if bits == 8:
+        packed = q
+    elif bits == 4:
+        packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    else:
+        raise NotImplementedError(f"byte packing for {bits}-bit codes")
+    return packed.reshape(n, total // block_size, -1).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``[N, n_blocks, bytes]`` -> ``[N, n_blocks*block_size]``."""
+    n = packed.shape[0]
+    flat = packed.reshape(n, -1)
+    if bits == 8:
+        return flat.clone()
+    if bits == 4:
+        out = torch.empty(n, flat.shape[1] * 2, dtype=torch.uint8)
+        out[:, 0::2] = flat & 0x0F
+        out[:, 1::2] = flat >> 4
+        return out
+    raise NotImplementedError(f"byte unpacking for {bits}-bit codes")
+
+
+def _round_scales(scales: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round scales to their storage dtype so codes are computed with the scale that is stored."""
+    if dtype == "float32":
+        return scales
+    if dtype != "float16":
+        raise ValueError(f"scale_dtype must be float16 or float32, got {dtype!r}")
+    return scales.clamp(min=2.0**-24, max=65504.0).to(torch.float16).to(torch.float32)
+
+
+def quantize_blockwise(w: torch.Tensor, scheme: QuantScheme) -> BlockQuantizedTensor:
+    """Round-to-nearest quantization of ``w [N, K]`` (pure function).
+
+    Symmetric: ``scale = absmax / (2**(bits-1) - 1)``, codes ``round(w/scale) + 2**(bits-1)``
+    clamped to ``[0, 2**bits - 1]``. Asymmetric: ``scale = (max - min) / (2**bits - 1)`` over
+    each block's range extended to include 0, ``zp = round(-min/scale)``.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    n, k = w.shape
+    block = scheme.block_size or k
+    n_blocks = math.ceil(k / block)
+    if scheme.bits == 4 and block % 2:
+        raise ValueError("4-bit blocks need an even block size")
+    wf = w.detach().to(torch.float32)
+    padded = torch.zeros(n, n_blocks * block, dtype=torch.float32)
+    padded[:, :k] = wf
+    blocks = padded.view(n, n_blocks, block)
+    # statistics over the real (unpadded) values only: padding is zeros, which the
+    # symmetric and the zero-including asymmetric ranges contain anyway.
+    qmax = (1 << scheme.bits) - 1
+    if scheme.symmetric:
+        mid = 1 << (scheme.bits - 1)
+        absmax = blocks.abs().amax(-1)
+        scales = _round_scales((absmax / (mid - 1)).clamp(min=1e-12), scheme.scale_dtype)
+        q = torch.round(blocks / scales.unsqueeze(-1)) + mid
+        zero_points = None
+    else:
+        lo = blocks.amin(-1).clamp(max=0.0)
+        hi = blocks.amax(-1).clamp(min=0.0)
+        scales = _round_scales(((hi - lo) / qmax).clamp(min=1e-12), scheme.scale_dtype)
+        zp = torch.round(-lo / scales).clamp(0, qmax)
+        q = torch.round(blocks / scales.unsqueeze(-1)) + zp.unsqueeze(-1)
+        zero_points = zp.to(torch.uint8)
+    q = q.clamp(0, qmax).to(torch.uint8).view(n, n_blocks * block)
+    return BlockQuantizedTensor(
+        qweight=pack_codes(q, scheme.bits, block),
+        scales=scales.contiguous(),
+        zero_points=zero_points,
+        bits=scheme.bits,
+        block_size=block,
+        shape=(n, k),
+    )

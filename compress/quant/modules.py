@@ -1,0 +1,62 @@
+"""Torch modules that hold packed weights (the compressed torch model).
+
+They compute with ``to_float()`` of their packed tensor (cached, not persisted), so the torch
+model and every exported artifact share one definition of the numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import BlockQuantizedTensor
+
+
+class _Packed(nn.Module):
+    def __init__(self, packed: BlockQuantizedTensor):
+        super().__init__()
+        self.packed = packed
+        self._dense: torch.Tensor | None = None
+
+    def dense_weight(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.packed.to_float()
+        return self._dense
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        kind = "sym" if p.symmetric else "asym"
+        return f"shape={p.shape}, bits={p.bits}, block_size={p.block_size}, {kind}"
+
+
+class QuantLinear(_Packed):
+    """``nn.Linear`` replacement whose weight is a :class:`BlockQuantizedTensor`."""
+
+    def __init__(self, packed: BlockQuantizedTensor, bias: torch.Tensor | None = None):
+        super().__init__(packed)
+        self.out_features, self.in_features = packed.shape
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @property
+    def weight(self) -> torch.Tensor:  # lets code that reads .weight (e.g. HF helpers) keep working
+        return self.dense_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+
+class QuantEmbedding(_Packed):
+    """``nn.Embedding`` replacement; rows are quantized along the hidden dimension."""
+
+    def __init__(self, packed: BlockQuantizedTensor, padding_idx: int | None = None):
+        super().__init__(packed)
+        self.num_embeddings, self.embedding_dim = packed.shape
+        self.padding_idx = padding_idx
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dense_weight()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.dense_weight(), self.padding_idx)

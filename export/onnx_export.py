@@ -1,0 +1,69 @@
+"""Write an ONNX artifact body (model.onnx + external data) for a (compressed) torch model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import onnx
+from torch import nn
+
+from .onnx_formats import EmitOptions, LayerFormat
+from .onnx_llm import build_llama_decoder
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def weight_summary(formats: list[LayerFormat]) -> dict[str, Any]:
+    """Bits per weight over all weight matrices, every stored byte counted (scales and zero points too).
+
+    A tensor shared by two layers (tied embedding and LM head) counts its parameters once.
+    """
+    params = sum(f.params for f in formats if not f.shared_with)
+    stored = sum(f.stored_bytes for f in formats)
+    by_format: dict[str, int] = {}
+    for f in formats:
+        if not f.shared_with:
+            by_format[f.format] = by_format.get(f.format, 0) + f.params
+    return {
+        "weight_params": params,
+        "weight_bytes": stored,
+        "bits_per_weight": round(8 * stored / params, 4) if params else None,
+        "params_by_format": by_format,
+    }
+
+
+def export_causal_lm(model: nn.Module, dest: Path, *, accuracy_level: int = 4, fuse: bool = True,
+                     max_positions: int | None = None, progress=None) -> dict[str, Any]:
+    """Write ``dest/model.onnx`` + ``dest/model.onnx.data``; return the manifest's ``onnx`` section."""
+    opts = EmitOptions(accuracy_level=accuracy_level)
+    proto, formats = build_llama_decoder(model, opts=opts, fuse=fuse, max_positions=max_positions,
+                                         progress=progress)
+    onnx.save(proto, str(dest / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=DATA_FILE, size_threshold=1024)
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        key = f"{node.domain + '::' if node.domain else ''}{node.op_type}"
+        ops[key] = ops.get(key, 0) + 1
+    log.info("wrote %s (%d nodes)", dest / MODEL_FILE, len(proto.graph.node))
+    return {
+        "onnx": {
+            "model": MODEL_FILE,
+            "external_data": DATA_FILE,
+            "opset": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
+            "accuracy_level": accuracy_level,
+            "accuracy_level_note": ("4: MatMulNBits quantizes activations to int8 per block (changes numerics)"
+                                    if accuracy_level == 4 else "activations stay float in MatMulNBits"),
+            "op_counts": dict(sorted(ops.items())),
+            "inputs": [i.name for i in proto.graph.input if not i.name.startswith("past_key_values.")],
+            "kv_cache": {"layout": "[batch, kv_heads, seq, head_dim]", "dtype": "float32",
+                         "past": "past_key_values.{i}.key|value", "present": "present.{i}.key|value"},
+        },
+        "layers": [asdict(f) for f in formats],
+        "weights": weight_summary(formats),
+    }

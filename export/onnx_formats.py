@@ -1,0 +1,222 @@
+"""ONNX emission of the weight formats in ``edgecompress.compress.quant.formats``.
+
+* fp32 ``nn.Linear``            -> ``MatMul`` (+ ``Add`` for a bias)
+* int4 block  (``QuantLinear``)  -> ``com.microsoft::MatMulNBits`` (packed uint8 B, scales, zero points)
+* int8        (``QuantLinear``)  -> QDQ: ``DequantizeLinear`` (per-channel or blocked, axis 0) + ``MatMul``
+* embeddings                    -> ``Gather`` / ``com.microsoft::GatherBlockQuantized``
+
+Scales are stored as float16 when that is lossless (the quantizer rounds them so) and cast to float32
+in the graph; ONNX Runtime folds the cast once at session creation. A packed tensor used by
+both the embedding and the tied LM head is stored once (``WeightCache``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from onnx import TensorProto
+from torch import nn
+
+from edgecompress.compress.quant.formats import BlockQuantizedTensor
+from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
+
+from .graph import FLOAT, MS_DOMAIN, GraphBuilder
+
+
+@dataclass
+class EmitOptions:
+    accuracy_level: int = 4
+
+
+@dataclass
+class LayerFormat:
+    """One row of the manifest's per-layer table."""
+
+    module: str
+    format: str
+    onnx_op: str
+    bits: float
+    params: int
+    stored_bytes: int
+    shared_with: list[str] = field(default_factory=list)
+    shape: tuple[int, int] = (0, 0)  # (N outputs, K inputs)
+    block_size: int = 0
+    initializers: dict[str, str] = field(default_factory=dict)
+    parts: list[tuple[str, int]] = field(default_factory=list)  # fused projections: (name, rows)
+
+
+class WeightCache:
+    """Initializer names per packed tensor id, so a tied tensor is stored once."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, dict[str, str]] = {}
+        self.owner: dict[int, str] = {}
+
+    def get(self, packed: object) -> dict[str, str] | None:
+        return self._by_id.get(id(packed))
+
+    def put(self, packed: object, names: dict[str, str], owner: str) -> None:
+        self._by_id[id(packed)] = names
+        self.owner[id(packed)] = owner
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _scale_tensor(g: GraphBuilder, base: str, scales: np.ndarray, opts: EmitOptions) -> tuple[str, str, int]:
+    """Store scales as float16 when that is lossless (the quantizer rounded them), else float32.
+
+    Returns (stored name, float32 name, stored bytes).
+    """
+    if np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
+        stored = g.initializer(f"{base}.scales_f16", scales.astype(np.float16))
+        return stored, g.op("Cast", stored, name=f"{base}/cast_scales", to=TensorProto.FLOAT), scales.size * 2
+    stored = g.initializer(f"{base}.scales", scales.astype(np.float32))
+    return stored, stored, scales.size * 4
+
+
+def _pack_zero_points_4bit(zp: np.ndarray) -> np.ndarray:
+    n, nb = zp.shape
+    out = np.zeros((n, (nb + 1) // 2), np.uint8)
+    out[:, : (nb + 1) // 2] |= zp[:, 0::2]
+    out[:, : nb // 2] |= (zp[:, 1::2] << 4).astype(np.uint8)
+    return out
+
+
+def _int4_initializers(g: GraphBuilder, base: str, p: BlockQuantizedTensor,
+                       opts: EmitOptions) -> tuple[dict[str, str], int]:
+    names = {"B": g.initializer(f"{base}.qweight", _np(p.qweight))}
+    _, names["scales"], nbytes = _scale_tensor(g, base, _np(p.scales), opts)
+    nbytes += p.qweight.numel()
+    if p.zero_points is not None:
+        zp = _pack_zero_points_4bit(_np(p.zero_points))
+        names["zero_points"] = g.initializer(f"{base}.zero_points", zp)
+        nbytes += zp.size
+    return names, nbytes
+
+
+def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
+                cache: WeightCache) -> tuple[str, LayerFormat]:
+    """Emit ``y = mod(x)``; return the output name and the layer's format record."""
+    if isinstance(mod, QuantLinear):
+        p = mod.packed
+        n, k = p.shape
+        if p.bits == 4:
+            names = cache.get(p)
+            owner = cache.owner.get(id(p), base)
+            nbytes = 0
+            if names is None:
+                names, nbytes = _int4_initializers(g, base, p, opts)
+                cache.put(p, names, base)
+            elif "scales" not in names:  # B shared from the embedding; MatMulNBits needs 2-D scales
+                _, names["scales"], nbytes = _scale_tensor(g, base, _np(p.scales), opts)
+                if p.zero_points is not None:
+                    zp = _pack_zero_points_4bit(_np(p.zero_points))
+                    names["zero_points"] = g.initializer(f"{base}.zero_points", zp)
+                    nbytes += zp.size
+            shared = [owner] if owner != base else []
+            ins = [x, names["B"], names["scales"]] + ([names["zero_points"]] if "zero_points" in names else [])
+            y = g.op("MatMulNBits", *ins, name=f"{base}/MatMulNBits", domain=MS_DOMAIN,
+                     K=k, N=n, bits=4, block_size=p.block_size, accuracy_level=opts.accuracy_level)
+            fmt = LayerFormat(base, f"int4-b{p.block_size}-{'sym' if p.symmetric else 'asym'}",
+                              "MatMulNBits", 8 * nbytes / (n * k), n * k, nbytes, shared,
+                              (n, k), p.block_size, dict(names))
+        elif p.bits == 8:
+            y, fmt = _emit_int8_qdq(g, x, p, base, opts)
+        else:
+            raise NotImplementedError(f"no ONNX form for {p.bits}-bit weights yet")
+        bias = mod.bias
+    elif isinstance(mod, nn.Linear):
+        w = g.initializer(f"{base}.weight_t", _np(mod.weight).T.copy())
+        y = g.op("MatMul", x, w, name=f"{base}/MatMul")
+        fmt = LayerFormat(base, "fp32", "MatMul", 32.0, mod.weight.numel(), mod.weight.numel() * 4,
+                          shape=tuple(mod.weight.shape), initializers={"weight_t": w})
+        bias = mod.bias
+    else:
+        raise NotImplementedError(f"{base}: no ONNX emitter for {type(mod).__name__}")
+    if bias is not None:
+        fmt.initializers["bias"] = g.initializer(f"{base}.bias", _np(bias).astype(np.float32))
+        y = g.op("Add", y, fmt.initializers["bias"], name=f"{base}/bias")
+    return y, fmt
+
+
+def _emit_int8_qdq(g: GraphBuilder, x: str, p: BlockQuantizedTensor, base: str,
+                   opts: EmitOptions) -> tuple[str, LayerFormat]:
+    """int8 weights as QDQ: codes stored transposed ``[K, N]``, quantized along axis 0."""
+    n, k = p.shape
+    codes = _np(p.unpacked()).reshape(n, -1)[:, :k]  # [N, K] unsigned
+    scales = _np(p.scales).T.copy()  # [n_blocks, N]
+    per_channel = p.n_blocks == 1
+    if p.symmetric:
+        q = g.initializer(f"{base}.qweight", (codes.astype(np.int16) - 128).astype(np.int8).T.copy())
+        zp_in: list[str] = []
+        zbytes = 0
+    else:
+        q = g.initializer(f"{base}.qweight", codes.T.copy())
+        zp = _np(p.zero_points).T.copy()
+        zp_in = [g.initializer(f"{base}.zero_points", zp[0] if per_channel else zp)]
+        zbytes = zp.size
+    _, s, sbytes = _scale_tensor(g, base, scales[0] if per_channel else scales, opts)
+    attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": p.block_size}
+    w = g.op("DequantizeLinear", q, s, *zp_in, name=f"{base}/DequantizeLinear", **attrs)
+    y = g.op("MatMul", x, w, name=f"{base}/MatMul")
+    label = "int8-channel" if per_channel else f"int8-b{p.block_size}"
+    inits = {"qweight": q, "scales": s} | ({"zero_points": zp_in[0]} if zp_in else {})
+    fmt = LayerFormat(base, f"{label}-{'sym' if p.symmetric else 'asym'}", "DequantizeLinear+MatMul",
+                      8 * (n * k + sbytes + zbytes) / (n * k), n * k, n * k + sbytes + zbytes,
+                      shape=(n, k), block_size=p.block_size, initializers=inits)
+    return y, fmt
+
+
+def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: EmitOptions,
+                   cache: WeightCache) -> tuple[str, LayerFormat]:
+    """Emit the token embedding lookup ``[B, S] -> [B, S, H]``."""
+    if isinstance(mod, QuantEmbedding):
+        p = mod.packed
+        v, h = p.shape
+        if p.bits not in (4, 8):
+            raise NotImplementedError(f"no ONNX form for {p.bits}-bit embeddings")
+        qname = g.initializer(f"{base}.qweight", _np(p.qweight))
+        _, s, sbytes = _scale_tensor(g, f"{base}.gather", _np(p.scales)[..., None], opts)
+        ins = [qname, ids, s]
+        zbytes = 0
+        if p.zero_points is not None:
+            zp = _np(p.zero_points)[..., None]
+            ins.append(g.initializer(f"{base}.gather.zero_points", zp))
+            zbytes = zp.size
+        out = g.op("GatherBlockQuantized", *ins, name=f"{base}/GatherBlockQuantized", domain=MS_DOMAIN,
+                   gather_axis=0, quantize_axis=2, block_size=p.block_size, bits=p.bits)
+        padded = p.n_blocks * p.block_size
+        out = g.op("Reshape", out, g.const("emb_shape", np.array([0, 0, padded], np.int64)),
+                   name=f"{base}/reshape")
+        if padded != h:
+            out = g.op("Slice", out, g.const("zero", np.array([0], np.int64)),
+                       g.const("hidden", np.array([h], np.int64)), g.const("axis2", np.array([2], np.int64)),
+                       name=f"{base}/unpad")
+        cache.put(p, {"B": qname}, base)
+        nbytes = p.qweight.numel() + sbytes + zbytes
+        inits = {"B": qname, "scales": s} | ({"zero_points": ins[3]} if len(ins) > 3 else {})
+        fmt = LayerFormat(base, f"int{p.bits}-b{p.block_size}-{'sym' if p.symmetric else 'asym'}",
+                          "GatherBlockQuantized", 8 * nbytes / (v * h), v * h, nbytes,
+                          shape=(v, h), block_size=p.block_size, initializers=inits)
+        return out, fmt
+    if isinstance(mod, nn.Embedding):
+        w = g.initializer(f"{base}.weight", _np(mod.weight))
+        cache.put(mod.weight, {"dense": w}, base)
+        out = g.op("Gather", w, ids, name=f"{base}/Gather", axis=0)
+        return out, LayerFormat(base, "fp32", "Gather", 32.0, mod.weight.numel(), mod.weight.numel() * 4,
+                                shape=tuple(mod.weight.shape), initializers={"weight": w})
+    raise NotImplementedError(f"{base}: no ONNX emitter for {type(mod).__name__}")
+
+
+def emit_tied_head(g: GraphBuilder, x: str, weight: torch.Tensor, base: str, cache: WeightCache,
+                   owner: str) -> tuple[str, LayerFormat]:
+    """fp32 LM head tied to an fp32 embedding: ``MatMul(x, Transpose(E))`` sharing E on disk."""
+    names = cache.get(weight)
+    wt = g.op("Transpose", names["dense"], name=f"{base}/transpose_tied", perm=[1, 0])
+    y = g.op("MatMul", x, wt, name=f"{base}/MatMul")
+    return y, LayerFormat(base, "fp32", "MatMul", 32.0, weight.numel(), 0, [owner], tuple(weight.shape),
+                          initializers={"weight": names["dense"]})

@@ -1,0 +1,211 @@
+"""ONNX export of Llama-family causal LMs as a KV-cache decoder built from fused ORT ops.
+
+The graph is written directly (not traced), in the form ONNX Runtime runs fastest on CPU:
+``GatherBlockQuantized``/``Gather`` embedding, per layer ``SkipSimplifiedLayerNormalization``,
+one fused QKV projection, ``GroupQueryAttention`` (rotary inside, KV cache in and out),
+output projection, fused gate/up projection, SiLU-gated MLP, down projection; final norm and
+the (possibly tied) LM head. Each projection is emitted in its weight format by
+:mod:`edgecompress.export.onnx_formats` (``MatMulNBits``, QDQ or ``MatMul``).
+
+I/O (names follow optimum, so ``ORTModelForCausalLM`` loads the artifact):
+  inputs  ``input_ids`` int64 [B, S], ``attention_mask`` int64 [B, P+S],
+          ``past_key_values.{i}.key|value`` float32 [B, kv_heads, P, head_dim]
+  outputs ``logits`` float32 [B, S, vocab], ``present.{i}.key|value`` float32 [B, kv_heads, P+S, head_dim]
+Binding the same buffer as ``past`` and ``present`` (size max_length) makes
+``GroupQueryAttention`` update the cache in place (the runtime's lean decode loop).
+Batch size 1 or right-aligned unpadded batches: positions come from the attention mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgecompress.compress.quant.modules import QuantLinear
+
+from .graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
+from .onnx_formats import EmitOptions, LayerFormat, WeightCache, emit_embedding, emit_linear, emit_tied_head
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rope_theta: float
+    rms_eps: float
+    max_positions: int
+
+
+def llama_dims(config) -> LlamaDims:
+    if getattr(config, "model_type", None) not in ("llama", "mistral", "qwen2"):
+        raise NotImplementedError(f"ONNX decoder export supports llama-family models, got {config.model_type!r}")
+    rope_scaling = getattr(config, "rope_scaling", None)
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+        raise NotImplementedError(f"rope scaling {rope_scaling} is not supported by the ONNX export yet")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return LlamaDims(
+        layers=config.num_hidden_layers, hidden=config.hidden_size, heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads, head_dim=head_dim, intermediate=config.intermediate_size,
+        vocab=config.vocab_size, rope_theta=float(config.rope_theta), rms_eps=float(config.rms_norm_eps),
+        max_positions=int(config.max_position_embeddings),
+    )
+
+
+def rope_cache(d: LlamaDims, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = 1.0 / (d.rope_theta ** (np.arange(0, d.head_dim, 2, dtype=np.float64) / d.head_dim))
+    freqs = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _fuse(mods: list[nn.Module]) -> nn.Module | None:
+    """One projection computing the concatenated outputs of ``mods`` (None if formats differ)."""
+    if all(type(m) is nn.Linear for m in mods) and all(m.bias is None for m in mods):
+        fused = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=False)
+        fused.weight.data = torch.cat([m.weight.data for m in mods])
+        return fused
+    if all(isinstance(m, QuantLinear) and m.bias is None for m in mods):
+        try:
+            return QuantLinear(mods[0].packed.cat_rows(*[m.packed for m in mods[1:]]))
+        except ValueError:
+            return None
+    return None
+
+
+def build_llama_decoder(model: nn.Module, *, opts: EmitOptions | None = None, fuse: bool = True,
+                        max_positions: int | None = None, progress=None) -> tuple[onnx.ModelProto, list[LayerFormat]]:
+    """Write the ONNX decoder for a (possibly compressed) HF Llama model.
+
+    Returns the model proto (initializers inline; the caller saves them as external data)
+    and one :class:`LayerFormat` per weight.
+    """
+    opts = opts or EmitOptions()
+    d = llama_dims(model.config)
+    inner = model.model
+    g = GraphBuilder("edgecompress_llama_decoder")
+    cache = WeightCache()
+    formats: list[LayerFormat] = []
+    dyn_b, dyn_s, dyn_t, dyn_p = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
+
+    ids = g.input("input_ids", INT64, [dyn_b, dyn_s])
+    mask = g.input("attention_mask", INT64, [dyn_b, dyn_t])
+    past = []
+    for i in range(d.layers):
+        k = g.input(f"past_key_values.{i}.key", FLOAT, [dyn_b, d.kv_heads, dyn_p, d.head_dim])
+        v = g.input(f"past_key_values.{i}.value", FLOAT, [dyn_b, d.kv_heads, dyn_p, d.head_dim])
+        past.append((k, v))
+    g.output("logits", FLOAT, [dyn_b, dyn_s, d.vocab])
+    for i in range(d.layers):
+        for kind in ("key", "value"):
+            g.output(f"present.{i}.{kind}", FLOAT, [dyn_b, d.kv_heads, dyn_t, d.head_dim])
+
+    # sequence lengths for GroupQueryAttention: seqlens_k = sum(mask) - 1, total = mask width
+    msum = g.op("ReduceSum", mask, g.const("axes1", np.array([1], np.int64)), name="mask/sum", keepdims=0)
+    seqlens = g.op("Cast", g.op("Sub", msum, g.const("one", np.array(1, np.int64)), name="mask/sub"),
+                   name="mask/seqlens_k", to=INT32)
+    total = g.op("Cast", g.op("Gather", g.op("Shape", mask, name="mask/shape"),
+                              g.const("idx1", np.array(1, np.int64)), name="mask/width", axis=0),
+                 name="mask/total_len", to=INT32)
+    cos, sin = rope_cache(d, max_positions or d.max_positions)
+    cos_name = g.initializer("rope.cos_cache", cos)
+    sin_name = g.initializer("rope.sin_cache", sin)
+
+    h, fmt = emit_embedding(g, ids, inner.embed_tokens, "model.embed_tokens", opts, cache)
+    formats.append(fmt)
+    eps = d.rms_eps
+    residual = None
+    pending = h  # value to add into the residual stream before the next norm
+    for i, layer in enumerate(inner.layers):
+        pre = f"model.layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        x, residual = _add_norm(g, pending, residual, layer.input_layernorm.weight, f"{pre}.input_layernorm", eps)
+        q_in = [attn.q_proj, attn.k_proj, attn.v_proj]
+        fused = _fuse(q_in) if fuse else None
+        if fused is not None:
+            qkv, fmt = emit_linear(g, x, fused, f"{pre}.self_attn.qkv_proj", opts, cache)
+            fmt.parts = [(f"{pre}.self_attn.{n}", m.out_features) for n, m in zip(("q_proj", "k_proj", "v_proj"), q_in)]
+            formats.append(fmt)
+            gqa_in = [qkv, "", ""]
+        else:
+            gqa_in = []
+            for name, m in zip(("q_proj", "k_proj", "v_proj"), q_in):
+                y, fmt = emit_linear(g, x, m, f"{pre}.self_attn.{name}", opts, cache)
+                formats.append(fmt)
+                gqa_in.append(y)
+        a, = g.node(
+            "GroupQueryAttention", gqa_in + [past[i][0], past[i][1], seqlens, total, cos_name, sin_name], 3,
+            name=f"{pre}.self_attn/GroupQueryAttention", domain=MS_DOMAIN,
+            outputs=[f"{pre}.self_attn/attn", f"present.{i}.key", f"present.{i}.value"],
+            num_heads=d.heads, kv_num_heads=d.kv_heads, do_rotary=1, rotary_interleaved=0,
+            scale=1.0 / math.sqrt(d.head_dim),
+        )[:1]
+        o, fmt = emit_linear(g, a, attn.o_proj, f"{pre}.self_attn.o_proj", opts, cache)
+        formats.append(fmt)
+        x, residual = _add_norm(g, o, residual, layer.post_attention_layernorm.weight,
+                                f"{pre}.post_attention_layernorm", eps)
+        fused = _fuse([mlp.gate_proj, mlp.up_proj]) if fuse else None
+        if fused is not None:
+            gu, fmt = emit_linear(g, x, fused, f"{pre}.mlp.gate_up_proj", opts, cache)
+            fmt.parts = [(f"{pre}.mlp.gate_proj", d.intermediate), (f"{pre}.mlp.up_proj", d.intermediate)]
+            formats.append(fmt)
+            gate, up = g.node("Split", [gu, g.const("split", np.array([d.intermediate] * 2, np.int64))], 2,
+                              name=f"{pre}.mlp/split", axis=-1)
+        else:
+            gate, fmt = emit_linear(g, x, mlp.gate_proj, f"{pre}.mlp.gate_proj", opts, cache)
+            formats.append(fmt)
+            up, fmt = emit_linear(g, x, mlp.up_proj, f"{pre}.mlp.up_proj", opts, cache)
+            formats.append(fmt)
+        act = g.op("Mul", gate, g.op("Sigmoid", gate, name=f"{pre}.mlp/sigmoid"), name=f"{pre}.mlp/silu")
+        act = g.op("Mul", act, up, name=f"{pre}.mlp/gate_mul")
+        pending, fmt = emit_linear(g, act, mlp.down_proj, f"{pre}.mlp.down_proj", opts, cache)
+        formats.append(fmt)
+        if progress is not None:
+            progress()
+    x, _ = _add_norm(g, pending, residual, inner.norm.weight, "model.norm", eps)
+    x = _keep_last(g, x)
+    head = model.lm_head
+    if isinstance(head, nn.Linear) and type(head) is nn.Linear and cache.get(head.weight) is not None:
+        logits, fmt = emit_tied_head(g, x, head.weight, "lm_head", cache, "model.embed_tokens")
+    else:
+        logits, fmt = emit_linear(g, x, head, "lm_head", opts, cache)
+    formats.append(fmt)
+    g.node("Identity", [logits], outputs=["logits"], name="logits")
+    return g.model(), formats
+
+
+def _keep_last(g: GraphBuilder, x: str) -> str:
+    """Optional input ``logits_to_keep`` (default 0 = all): the LM head runs on the last k positions.
+
+    Generation feeds 1, so prefill skips the vocabulary projection of every prompt position but
+    the last; callers that do not feed it (evaluation, optimum) get logits for every position.
+    """
+    g.input("logits_to_keep", INT64, [1])
+    g.initializer("logits_to_keep", np.array([0], np.int64))
+    zero = g.const("zero_i64", np.array([0], np.int64))
+    keep = g.op("Where", g.op("Equal", "logits_to_keep", zero, name="keep/is_all"),
+                g.const("int_max", np.array([2**62], np.int64)), "logits_to_keep", name="keep/k")
+    start = g.op("Neg", keep, name="keep/start")
+    return g.op("Slice", x, start, g.const("end_max", np.array([2**62], np.int64)),
+                g.const("axes_seq", np.array([1], np.int64)), name="keep/slice")
+
+
+def _add_norm(g: GraphBuilder, x: str, residual: str | None, weight: torch.Tensor, base: str,
+              eps: float) -> tuple[str, str]:
+    """RMSNorm of ``x + residual``; returns (normed, new residual)."""
+    gamma = g.initializer(f"{base}.weight", weight.detach().float().numpy())
+    if residual is None:
+        y = g.op("SimplifiedLayerNormalization", x, gamma, name=f"{base}/norm", axis=-1, epsilon=eps)
+        return y, x
+    y, s = f"{base}/normed", f"{base}/residual"
+    g.node("SkipSimplifiedLayerNormalization", [x, residual, gamma], name=f"{base}/skipnorm",
+           domain=MS_DOMAIN, outputs=[y, "", "", s], epsilon=eps)
+    return y, s

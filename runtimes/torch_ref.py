@@ -1,0 +1,141 @@
+"""The torch reference runtime: runs an artifact's own weights in PyTorch.
+
+It reads the ONNX initializers, decodes every packed weight with its format's pure-torch
+``to_float()`` (the reference every kernel is tested against) and loads them into the
+Hugging Face model class named by the artifact's config. A second, independent execution
+path for the same bits that ONNX Runtime runs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from edgecompress.artifact import Artifact
+from edgecompress.compress.quant.formats import BlockQuantizedTensor
+
+from .base import Generation, Runtime, Timer
+
+
+def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :count]
+
+
+class _Initializers:
+    def __init__(self, model: onnx.ModelProto):
+        self.arrays = {t.name: t for t in model.graph.initializer}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+
+    def __call__(self, name: str) -> np.ndarray:
+        """The initializer behind ``name``, following Cast nodes (stored fp16 scales)."""
+        while name not in self.arrays:
+            name = self.producer[name].input[0]
+        return numpy_helper.to_array(self.arrays[name])
+
+
+def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
+    """Dense float32 weight ``[N, K]`` of one manifest layer record."""
+    n, k = layer["shape"]
+    inits = layer["initializers"]
+    op = layer["onnx_op"]
+    if op in ("MatMulNBits", "GatherBlockQuantized"):
+        b = get(inits["B"])
+        scales = get(inits["scales"]).astype(np.float32).reshape(n, -1)
+        zp = None
+        if "zero_points" in inits:
+            z = get(inits["zero_points"])
+            zp = _unpack_nibbles(z, scales.shape[1]) if op == "MatMulNBits" else z.reshape(n, -1)
+        bits = 8 if b.shape[-1] == layer["block_size"] else 4
+        packed = BlockQuantizedTensor(torch.from_numpy(b.reshape(n, scales.shape[1], -1).copy()),
+                                      torch.from_numpy(scales), None if zp is None else torch.from_numpy(zp),
+                                      bits, layer["block_size"], (n, k))
+        return packed.to_float()
+    if op == "DequantizeLinear+MatMul":
+        q = get(inits["qweight"]).astype(np.float32)  # [K, N]
+        s = get(inits["scales"]).astype(np.float32)
+        z = get(inits["zero_points"]).astype(np.float32) if "zero_points" in inits else np.zeros_like(s)
+        if s.ndim == 2:  # blocked along K
+            s = np.repeat(s, layer["block_size"], axis=0)[:k]
+            z = np.repeat(z, layer["block_size"], axis=0)[:k]
+        return torch.from_numpy(((q - z) * s).T.copy())
+    if op in ("MatMul", "Gather"):
+        w = get(inits.get("weight_t") or inits["weight"])
+        return torch.from_numpy(w.T.copy() if "weight_t" in inits else w.copy())
+    raise NotImplementedError(f"torch runtime cannot decode {op} ({layer['module']})")
+
+
+def load_torch_model(artifact: Artifact) -> torch.nn.Module:
+    """A Hugging Face model whose weights are the artifact's decoded weights."""
+    from transformers import AutoModelForCausalLM
+
+    model_proto = onnx.load(str(artifact.onnx_path), load_external_data=True)
+    get = _Initializers(model_proto)
+    config = artifact.config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    state: dict[str, torch.Tensor] = {}
+    for layer in artifact.manifest["layers"]:
+        w = decode_layer(layer, get)
+        parts = layer.get("parts") or [(layer["module"], w.shape[0])]
+        for (name, rows), chunk in zip(parts, torch.split(w, [r for _, r in parts])):
+            state[f"{name}.weight"] = chunk.contiguous()
+        if "bias" in layer["initializers"]:
+            state[f"{layer['module']}.bias"] = torch.from_numpy(get(layer["initializers"]["bias"]).copy())
+    for key in model.state_dict():
+        if key.endswith("norm.weight"):
+            state[key] = torch.from_numpy(get(key).copy())
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"artifact weights do not match the model: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # buffers (rotary inv_freq) were created on the meta device: rebuild them on the CPU
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.eval()
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None):
+        super().__init__(artifact, threads=threads)
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_torch_model(artifact)
+
+    @torch.no_grad()
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = torch.as_tensor(np.asarray(input_ids, np.int64)).reshape(1, -1)
+        return self.model(input_ids=ids, use_cache=False).logits[0].float().numpy()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id: int | None = None,
+                 on_token: Callable[[int], None] | None = None) -> Generation:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        ids = torch.tensor([prompt_ids])
+        with Timer() as prefill:
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tok = int(out.logits[0, -1].argmax())
+        tokens = [tok]
+        if on_token:
+            on_token(tok)
+        with Timer() as decode:
+            while len(tokens) < max_new_tokens and not (eos_token_id is not None and tok == eos_token_id):
+                out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+                tok = int(out.logits[0, -1].argmax())
+                tokens.append(tok)
+                if on_token:
+                    on_token(tok)
+        return Generation(tokens, len(prompt_ids), prefill.seconds, decode.seconds)
