@@ -50,6 +50,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from edgecompress.runtimes import RUNTIMES
+
 from .errors import RecipeError
 
 __all__ = [
@@ -171,7 +173,7 @@ ScaleDtype = _choice("float16", "float32")
 ExportFormat = _choice("onnx")
 ExportTarget = _choice("cpu")
 AccuracyLevel = _choice(0, 1, 2, 3, 4)
-Runtime = _choice("ort-cpu", "torch")
+Runtime = _choice(*RUNTIMES)  # the runtime registry is the one list of names
 
 # --------------------------------------------------------------------------------------
 # Sections
@@ -400,7 +402,7 @@ class CheckSpec(BaseModel):
 
     model_config = _FROZEN
 
-    runtime: Runtime = Field("ort-cpu", description="Runtime to run the export on: ort-cpu or torch.")
+    runtime: Runtime = Field("ort-cpu", description=f"Runtime to run the export on: {', '.join(RUNTIMES)}.")
     export: Slug | None = Field(
         None, description="Name of the export target to check; default: the first non-reference one."
     )
@@ -420,7 +422,7 @@ class BenchSpec(BaseModel):
 
     model_config = _FROZEN
 
-    runtime: Runtime = Field("ort-cpu", description="Runtime to benchmark on: ort-cpu or torch.")
+    runtime: Runtime = Field("ort-cpu", description=f"Runtime to benchmark on: {', '.join(RUNTIMES)}.")
     export: Annotated[tuple[Slug, ...] | None, BeforeValidator(_listify)] = Field(
         None, min_length=1, description="Names of the export targets to benchmark; default: all of them."
     )

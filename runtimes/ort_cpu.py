@@ -43,6 +43,7 @@ class OrtCpuRuntime(Runtime):
         shape = self.inputs["past_key_values.0.key"].shape
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
+        self.has_keep = "logits_to_keep" in {x.name for x in self.session.get_overridable_initializers()}
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         z = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
@@ -58,6 +59,7 @@ class OrtCpuRuntime(Runtime):
         p = len(prompt_ids)
         max_len = p + max_new_tokens
         io = self.session.io_binding()
+        io.bind_output("logits", "cpu")  # bound first: io.get_outputs()[0] is the logits
         kv = []
         for i in range(self.n_layers):
             for k in ("key", "value"):
@@ -66,14 +68,17 @@ class OrtCpuRuntime(Runtime):
                 io.bind_ortvalue_input(f"past_key_values.{i}.{k}", buf)
                 io.bind_ortvalue_output(f"present.{i}.{k}", buf)
                 kv.append(buf)  # keep alive
-        mask = np.ones((1, max_len), np.int64)
-        if "logits_to_keep" in {x.name for x in self.session.get_overridable_initializers()}:
-            keep = np.ones(1, np.int64)
-            io.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(keep))
-        prompt = np.asarray(prompt_ids, np.int64).reshape(1, p)
-        io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(prompt))
-        io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(mask[:, :p]))
-        io.bind_output("logits", "cpu")
+        # Every array ORT reads or writes is held here for the whole call: an OrtValue made
+        # from NumPy borrows its memory.
+        mask = np.ones(max_len, np.int64)
+        keep = np.ones(1, np.int64)
+        prompt = np.ascontiguousarray(np.asarray(prompt_ids, np.int64).reshape(1, p))
+        bound = [ort.OrtValue.ortvalue_from_numpy(prompt), ort.OrtValue.ortvalue_from_numpy(mask[:p].reshape(1, p))]
+        if self.has_keep:
+            bound.append(ort.OrtValue.ortvalue_from_numpy(keep))
+            io.bind_ortvalue_input("logits_to_keep", bound[-1])
+        io.bind_ortvalue_input("input_ids", bound[0])
+        io.bind_ortvalue_input("attention_mask", bound[1])
         with Timer() as prefill:
             self.session.run_with_iobinding(io)
             tok = int(io.get_outputs()[0].numpy()[0, -1].argmax())
@@ -82,14 +87,16 @@ class OrtCpuRuntime(Runtime):
             on_token(tok)
         cur = np.zeros((1, 1), np.int64)
         logits = np.empty((1, 1, self.vocab), np.float32)
-        io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(cur))
-        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        cur_v, logits_v = ort.OrtValue.ortvalue_from_numpy(cur), ort.OrtValue.ortvalue_from_numpy(logits)
+        io.bind_ortvalue_input("input_ids", cur_v)
+        io.bind_ortvalue_output("logits", logits_v)
         with Timer() as decode:
             for t in range(p, max_len - 1):
                 if eos_token_id is not None and tok == eos_token_id:
                     break
                 cur[0, 0] = tok
-                io.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(mask[:, : t + 1]))
+                mask_v = ort.OrtValue.ortvalue_from_numpy(mask[: t + 1].reshape(1, t + 1))
+                io.bind_ortvalue_input("attention_mask", mask_v)
                 self.session.run_with_iobinding(io)
                 tok = int(logits[0, 0].argmax())
                 tokens.append(tok)

@@ -79,7 +79,7 @@ def load_torch_model(artifact: Artifact) -> torch.nn.Module:
     get = _Initializers(model_proto)
     config = artifact.config()
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state: dict[str, torch.Tensor] = {}
     for layer in artifact.manifest["layers"]:
         w = decode_layer(layer, get)

@@ -24,6 +24,7 @@ from torch import nn
 from edgecompress.compress.calibration.observers import OBSERVERS, Observer
 from edgecompress.compress.calibration.store import StatsStore
 from edgecompress.errors import EdgeCompressError, RecipeError
+from edgecompress.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +171,6 @@ def _iter_batches(batches: Iterable[Batch] | torch.Tensor, batch_size: int) -> t
     return ((b.unsqueeze(0) if isinstance(b, torch.Tensor) and b.dim() == 1 else b) for b in batches), total
 
 
-def _progress(items: Iterable[Any], total: int | None, description: str, enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield from items
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        yield from bar.track(items, total=total, description=description)
-
-
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -219,7 +210,7 @@ def calibrate(
     log.debug("calibrating %d (module, stat) pairs", len(_check_all_match(model, requests)))
     items, total = _iter_batches(batches, batch_size)
     with torch.no_grad(), _eval_mode(model), observe(model, requests) as observers:
-        for batch in _progress(items, total, "calibrating", progress):
+        for batch in track(items, total, "calibrating", progress):
             forward(model, batch)
     _record(store, observers, requests)
     return store
@@ -246,7 +237,7 @@ def _capture_block_inputs(
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for batch in _progress(items, total, "capturing block inputs", progress):
+        for batch in track(items, total, "capturing block inputs", progress):
             before = len(cache)
             try:
                 forward(model, batch)
@@ -303,7 +294,7 @@ def sequential_calibrate(
         with torch.no_grad():
             cache = _capture_block_inputs(model, blocks[0], items, total, forward, progress)
         log.debug("captured block-0 inputs of %d batches; calibrating %d blocks", len(cache), len(blocks))
-        for i, block in enumerate(_progress(blocks, len(blocks), "calibrating blocks", progress)):
+        for i, block in enumerate(track(blocks, len(blocks), "calibrating blocks", progress)):
             with torch.no_grad(), observe(model, requests, within=block) as observers:
                 for args, kwargs in cache:
                     block(*args, **kwargs)

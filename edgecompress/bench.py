@@ -1,0 +1,75 @@
+"""Speed and size of an artifact on a runtime: prefill and decode tok/s, peak RSS, size, bits/weight.
+
+Timings are medians over ``repeats`` greedy generations of ``new_tokens`` after a
+``prompt_tokens`` prompt of held-out text (EOS ignored, so every run decodes the same count),
+after one untimed warm-up. Compare artifacts side by side in one run (`edgecompress run`
+benches each in its own subprocess so peak RSS is per artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .artifact import Artifact
+from .data import load_text
+from .errors import DataError, EdgeCompressError
+
+BENCH_KEYS = ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "size_mb", "bits_per_weight")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def prompt_ids(artifact: Artifact, prompt_tokens: int, data: str = "pydoc:eval") -> list[int]:
+    tok = artifact.tokenizer()
+    ids = tok(load_text(data))["input_ids"]
+    if len(ids) < prompt_tokens:
+        raise DataError(f"{data} has {len(ids)} tokens, fewer than prompt_tokens={prompt_tokens}",
+                        hint="use a longer text or fewer prompt tokens")
+    return list(ids[:prompt_tokens])
+
+
+def bench_artifact(artifact: Artifact, runtime: str = "ort-cpu", *, prompt_tokens: int = 512,
+                   new_tokens: int = 128, threads: int | None = 2, repeats: int = 3,
+                   data: str = "pydoc:eval") -> dict[str, Any]:
+    from edgecompress.runtimes import open_runtime
+
+    rt = open_runtime(runtime, artifact, threads=threads)
+    prompt = prompt_ids(artifact, prompt_tokens, data)
+    rt.generate(prompt[: min(32, prompt_tokens)], 4)  # warm-up: allocations, kernel selection
+    runs = [rt.generate(prompt, new_tokens) for _ in range(repeats)]
+    weights = artifact.manifest.get("weights", {})
+    return {
+        "artifact": str(artifact.path),
+        "runtime": runtime,
+        "threads": threads,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "prefill_tok_s": statistics.median(r.prefill_tok_s for r in runs),
+        "decode_tok_s": statistics.median(r.decode_tok_s for r in runs),
+        "peak_rss_mb": peak_rss_mb(),
+        "size_mb": artifact.size_bytes / 1e6,
+        "bits_per_weight": weights.get("bits_per_weight"),
+    }
+
+
+def bench_in_subprocess(path: Path, runtime: str, *, prompt_tokens: int, new_tokens: int,
+                        threads: int | None, repeats: int) -> dict[str, Any]:
+    """Run ``edgecompress bench --json`` in a fresh process (clean peak RSS, no shared caches)."""
+    cmd = [sys.executable, "-m", "edgecompress", "bench", str(path), "--runtime", runtime, "--json",
+           "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EdgeCompressError(f"benchmark of {path} failed:\n{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)

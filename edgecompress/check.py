@@ -1,0 +1,106 @@
+"""Accuracy checks of an artifact on a runtime against the uncompressed reference model.
+
+Causal LMs: perplexity, KL(reference || artifact) per token, and top-1 agreement, over
+fixed-length windows of held-out text (disjoint from calibration text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import CheckFailed
+from .progress import track
+
+THRESHOLD_DIRECTIONS = {"perplexity_ratio": "max", "kl": "max", "top1_agreement": "min"}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@dataclass
+class LMMetrics:
+    """Streaming sums over evaluated tokens; :meth:`result` gives the report."""
+
+    tokens: int = 0
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    windows: int = 0
+
+    def update(self, ref_logits: np.ndarray, logits: np.ndarray, ids: np.ndarray) -> None:
+        """Add one window: logits ``[S, V]`` for ids ``[S]``; position t predicts ids[t+1]."""
+        if ref_logits.shape != logits.shape:
+            raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {logits.shape}")
+        lp, rlp = _log_softmax(logits[:-1]), _log_softmax(ref_logits[:-1])
+        tgt = ids[1:]
+        rows = np.arange(len(tgt))
+        self.nll += float(-lp[rows, tgt].sum())
+        self.ref_nll += float(-rlp[rows, tgt].sum())
+        self.kl += float((np.exp(rlp) * (rlp - lp)).sum())
+        self.agree += int((lp.argmax(-1) == rlp.argmax(-1)).sum())
+        self.tokens += len(tgt)
+        self.windows += 1
+
+    def result(self) -> dict[str, float]:
+        n = max(self.tokens, 1)
+        ppl, ref_ppl = float(np.exp(self.nll / n)), float(np.exp(self.ref_nll / n))
+        return {
+            "perplexity": ppl,
+            "reference_perplexity": ref_ppl,
+            "perplexity_ratio": ppl / ref_ppl,
+            "kl": self.kl / n,
+            "top1_agreement": self.agree / n,
+            "tokens": self.tokens,
+            "windows": self.windows,
+        }
+
+
+@dataclass
+class CheckResult:
+    metrics: dict[str, float]
+    thresholds: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {**self.metrics, "thresholds": self.thresholds, "passed": self.passed, "failures": self.failures}
+
+    def raise_if_failed(self) -> None:
+        if self.failures:
+            raise CheckFailed("accuracy check failed: " + "; ".join(self.failures),
+                              hint="loosen the recipe's check.thresholds or choose a gentler compression")
+
+
+def apply_thresholds(metrics: dict[str, float], thresholds: dict[str, float | None]) -> CheckResult:
+    active = {k: v for k, v in thresholds.items() if v is not None}
+    failures = []
+    for key, bound in active.items():
+        value = metrics[key]
+        if THRESHOLD_DIRECTIONS[key] == "max" and value > bound:
+            failures.append(f"{key} {value:.4f} > max {bound}")
+        if THRESHOLD_DIRECTIONS[key] == "min" and value < bound:
+            failures.append(f"{key} {value:.4f} < min {bound}")
+    return CheckResult(metrics, active, failures)
+
+
+def check_causal_lm(logits_fn: Callable[[np.ndarray], np.ndarray], reference: torch.nn.Module,
+                    windows: torch.Tensor, *, progress: bool = False) -> dict[str, float]:
+    """Compare ``logits_fn`` (the artifact on a runtime) with the reference torch model."""
+    m = LMMetrics()
+    for row in track(windows, len(windows), "checking", progress):
+        ids = row.numpy()
+        with torch.no_grad():
+            ref = reference(input_ids=row[None], use_cache=False).logits[0].float().numpy()
+        m.update(ref, logits_fn(ids), ids)
+    return m.result()

@@ -1,0 +1,193 @@
+"""The pipeline a recipe describes: model -> calibrate -> steps -> export -> check -> bench -> report.
+
+Plain functions; the caller holds the state. Every output goes into one run folder
+``<out>/<recipe.name>/`` written atomically: one artifact sub-folder per export target
+plus ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgecompress.compress.calibration.driver import StatRequest, calibrate
+from edgecompress.compress.calibration.store import StatsStore, model_fingerprint
+from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
+
+from .artifact import Artifact, atomic_folder, write_manifest
+from .bench import bench_in_subprocess
+from .check import apply_thresholds, check_causal_lm
+from .data import fingerprint_tokens, load_text, token_windows
+from .errors import ArtifactError, CheckFailed, EdgeCompressError
+from .models import LoadedModel, cache_root, load_model
+from .progress import console
+from .recipe import ExportSpec, QuantizeStep, Recipe, StepConfig, recipe_to_dict
+
+log = logging.getLogger(__name__)
+
+# statistics every run gathers for the manifest's calibration summary
+SUMMARY_REQUESTS = (StatRequest(r".*", "minmax"),)
+
+
+def _apply_quantize(model: nn.Module, step: QuantizeStep, store: StatsStore) -> list[dict]:
+    cfg = RTNConfig(bits=step.bits, group_size=step.group_size or 0, symmetric=step.symmetric,
+                    targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
+                    scale_dtype=step.scale_dtype)
+    return [asdict(r) for r in apply_rtn(model, cfg)]
+
+
+STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StatsStore], list[dict]]] = {
+    "quantize": _apply_quantize,
+}
+
+
+def calibration_store(model: nn.Module, windows: torch.Tensor, requests, *, progress: bool,
+                      cache_dir: Path | None = None) -> tuple[StatsStore, bool]:
+    """Gather ``requests`` over ``windows``, reusing a stored pass with the same model and data."""
+    mfp, dfp = model_fingerprint(model), fingerprint_tokens(windows)
+    folder = cache_root(cache_dir) / "stats" / f"{mfp[:16]}-{dfp[:16]}"
+    store = StatsStore.load(folder, model_fingerprint=mfp, data_fingerprint=dfp)
+    if store is not None and all(r.to_dict() in store.requests for r in requests):
+        log.info("reusing calibration statistics from %s", folder)
+        return store, True
+    store = calibrate(model, windows, list(requests), store=StatsStore(mfp, dfp), progress=progress)
+    store.save(folder)
+    return store, False
+
+
+def calibration_summary(store: StatsStore, windows: torch.Tensor, source: str, reused: bool) -> dict[str, Any]:
+    layers = {}
+    for name in sorted(store.modules("minmax")):
+        s = store.get(name, "minmax")
+        layers[name] = {"input_absmax": round(float(s["absmax"].max()), 4),
+                        "input_channel_absmax_median": round(float(s["absmax"].median()), 4)}
+    return {"data": source, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+            "tokens": int(windows.numel()), "data_fingerprint": store.data_fingerprint,
+            "model_fingerprint": store.model_fingerprint, "reused": reused, "layers": layers}
+
+
+def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: ExportSpec,
+                  manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write one artifact folder (model files, HF files, manifest) into ``dest``."""
+    from edgecompress.export.onnx_export import export_causal_lm
+
+    if loaded.task != "causal-lm":
+        raise EdgeCompressError(f"ONNX export of {loaded.task} models is not implemented yet",
+                                hint="this release exports causal LMs (e.g. smollm2-135m, tiny-llama)")
+    dest.mkdir(parents=True)
+    body = export_causal_lm(model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv)
+    loaded.save_hf_files(dest)
+    return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
+
+
+def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, progress: bool = True,
+               bench: bool = True, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Run a whole recipe; returns the report (also written to ``<out>/<name>/report.json``).
+
+    Raises :class:`CheckFailed` after writing everything when a check threshold fails.
+    """
+    dest = Path(out_root) / recipe.name
+    if dest.exists() and not force:
+        raise ArtifactError(f"output folder {dest} already exists",
+                            hint="choose another -o folder, or pass --force to replace it")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    console.log(f"loading model [bold]{recipe.model.source}[/]")
+    loaded = load_model(recipe.model.source, allow_code=recipe.model.allow_code, cache_dir=cache_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    if tok is None:
+        raise EdgeCompressError(f"{recipe.model.source} has no tokenizer; text calibration needs one")
+    needs_reference = recipe.check is not None or any(e.reference for e in recipe.export)
+    reference = copy.deepcopy(model) if needs_reference else None
+    timings["load_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    cal = recipe.calibration
+    windows = token_windows(tok, load_text(cal.data), cal.seq_len, cal.samples, seed=cal.seed)
+    console.log(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens of {cal.data}")
+    store, reused = calibration_store(model, windows, SUMMARY_REQUESTS, progress=progress, cache_dir=cache_dir)
+    summary = calibration_summary(store, windows, cal.data, reused)
+    timings["calibrate_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    steps: list[dict[str, Any]] = []
+    for i, step in enumerate(recipe.steps):
+        console.log(f"step {i}: {step.step_type}")
+        records = STEP_APPLIERS[step.step_type](model, step, store)
+        steps.append({"step": step.step_type, "config": step.model_dump(mode="json"), "modules": records})
+    timings["steps_s"] = time.perf_counter() - t
+
+    base_manifest = {"task": loaded.task, "name": recipe.name, "model": loaded.source,
+                     "recipe": recipe_to_dict(recipe), "calibration": summary}
+    report: dict[str, Any] = {"recipe": recipe.name, "out": str(dest), "exports": {}, "timings": timings}
+    check_result = None
+    with atomic_folder(dest, force=force) as tmp:
+        t = time.perf_counter()
+        for spec in recipe.export:
+            console.log(f"exporting [bold]{spec.name}[/] ({spec.format}, {'reference' if spec.reference else 'compressed'})")
+            src = reference if spec.reference else model
+            manifest = {**base_manifest, "steps": [] if spec.reference else steps}
+            m = export_target(src, loaded, tmp / spec.name, spec, manifest)
+            report["exports"][spec.name] = {"size_mb": m["size_bytes"] / 1e6, **m["weights"],
+                                            "op_counts": m["onnx"]["op_counts"], "reference": spec.reference}
+        timings["export_s"] = time.perf_counter() - t
+
+        if recipe.check is not None:
+            t = time.perf_counter()
+            check_result = _run_check(recipe, tmp, reference, tok, progress)
+            report["check"] = {"export": recipe.check.export, "runtime": recipe.check.runtime,
+                               "data": recipe.check.data, **check_result.to_dict()}
+            timings["check_s"] = time.perf_counter() - t
+
+        if recipe.bench is not None and bench:
+            t = time.perf_counter()
+            report["bench"] = _run_bench(recipe, tmp)
+            timings["bench_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t0
+        report["timings"] = {k: round(v, 2) for k, v in timings.items()}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    report["out"] = str(dest)
+    if check_result is not None and not check_result.passed:
+        raise CheckFailed("accuracy check failed: " + "; ".join(check_result.failures) + f" (report: {dest}/report.json)",
+                          hint="loosen the recipe's check.thresholds or choose a gentler compression")
+    return report
+
+
+def _run_check(recipe: Recipe, tmp: Path, reference: nn.Module, tok, progress: bool):
+    from edgecompress.runtimes import open_runtime
+
+    spec = recipe.check
+    art = Artifact.load(tmp / spec.export)
+    console.log(f"checking [bold]{spec.export}[/] on {spec.runtime} against the uncompressed model ({spec.data})")
+    windows = token_windows(tok, load_text(spec.data), spec.seq_len, spec.windows, seed=0)
+    rt = open_runtime(spec.runtime, art)
+    metrics = check_causal_lm(rt.logits, reference, windows, progress=progress)
+    result = apply_thresholds(metrics, spec.thresholds.model_dump())
+    art.manifest["reference_metrics"] = {"runtime": spec.runtime, "data": spec.data, **result.to_dict()}
+    write_manifest(art.path, {k: v for k, v in art.manifest.items()
+                              if k not in ("files", "size_bytes", "manifest_version", "created", "environment")})
+    return result
+
+
+def _run_bench(recipe: Recipe, tmp: Path) -> dict[str, Any]:
+    b = recipe.bench
+    results = {}
+    for name in b.export:
+        console.log(f"benchmarking [bold]{name}[/] on {b.runtime} ({b.threads} threads)")
+        results[name] = bench_in_subprocess(tmp / name, b.runtime, prompt_tokens=b.prompt_tokens,
+                                            new_tokens=b.new_tokens, threads=b.threads, repeats=b.repeats)
+    refs = [e.name for e in recipe.export if e.reference and e.name in results]
+    if refs:
+        ref = results[refs[0]]
+        for name, r in results.items():
+            r["vs_" + refs[0]] = {k: (r[k] / ref[k] if ref.get(k) else None)
+                                  for k in ("prefill_tok_s", "decode_tok_s", "size_mb", "peak_rss_mb")}
+    return results
