@@ -24,7 +24,17 @@ BENCH_KEYS = ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "size_mb", "bits_p
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process.
+
+    Reads VmHWM (the high-water mark of this address space) on Linux: ``ru_maxrss`` survives
+    fork+exec there, so a benchmark subprocess would report its parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EdgeCompressError
+from rich.markup import escape
+
 from .progress import console, enabled_by_default
 
 
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except EdgeCompressError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing half-written was left behind")

@@ -94,12 +94,21 @@ class LoadedModel:
                 gen.save_pretrained(tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+                _compact_tokenizer_json(Path(tmp) / "tokenizer.json")
             for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
                 target = dest / f.relative_to(tmp)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(f, target)
                 written.append(target)
         return written
+
+
+def _compact_tokenizer_json(path: Path) -> None:
+    """Re-save tokenizer.json without indentation (same content, less than half the bytes)."""
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        Tokenizer.from_file(str(path)).save(str(path), pretty=False)
 
 
 class SentenceEncoder(nn.Module):

@@ -32,7 +32,8 @@ class GraphBuilder:
     def initializer(self, name: str, array: np.ndarray) -> str:
         if name in self.initializers:
             raise ValueError(f"duplicate initializer {name}")
-        self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        array = np.asarray(array)  # (np.ascontiguousarray would turn a 0-d scalar into shape [1])
+        self.initializers[name] = numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(), name)
         return name
 
     def const(self, base: str, array: np.ndarray) -> str:

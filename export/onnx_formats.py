@@ -1,8 +1,10 @@
 """ONNX emission of the weight formats in ``edgecompress.compress.quant.formats``.
 
 * fp32 ``nn.Linear``            -> ``MatMul`` (+ ``Add`` for a bias)
-* int4 block  (``QuantLinear``)  -> ``com.microsoft::MatMulNBits`` (packed uint8 B, scales, zero points)
-* int8        (``QuantLinear``)  -> QDQ: ``DequantizeLinear`` (per-channel or blocked, axis 0) + ``MatMul``
+* int4/int8 in blocks of 16..256 (``QuantLinear``) -> ``com.microsoft::MatMulNBits`` (packed uint8 B,
+  scales, zero points); the block layout is the one the embedding's ``GatherBlockQuantized`` reads,
+  so a tied embedding and LM head share one stored tensor
+* int8 per output channel (``QuantLinear``) -> QDQ: ``DequantizeLinear`` (axis 0) + ``MatMul``
 * embeddings                    -> ``Gather`` / ``com.microsoft::GatherBlockQuantized``
 
 Scales are stored as float16 when that is lossless (the quantizer rounds them so) and cast to float32
@@ -78,7 +80,10 @@ def _scale_tensor(g: GraphBuilder, base: str, scales: np.ndarray, opts: EmitOpti
     return stored, stored, scales.size * 4
 
 
-def _pack_zero_points_4bit(zp: np.ndarray) -> np.ndarray:
+def _pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits zero points: one byte each for 8 bits, two per byte (low nibble first) for 4."""
+    if bits == 8:
+        return zp.astype(np.uint8)
     n, nb = zp.shape
     out = np.zeros((n, (nb + 1) // 2), np.uint8)
     out[:, : (nb + 1) // 2] |= zp[:, 0::2]
@@ -86,16 +91,22 @@ def _pack_zero_points_4bit(zp: np.ndarray) -> np.ndarray:
     return out
 
 
-def _int4_initializers(g: GraphBuilder, base: str, p: BlockQuantizedTensor,
+def _nbits_initializers(g: GraphBuilder, base: str, p: BlockQuantizedTensor,
                        opts: EmitOptions) -> tuple[dict[str, str], int]:
     names = {"B": g.initializer(f"{base}.qweight", _np(p.qweight))}
     _, names["scales"], nbytes = _scale_tensor(g, base, _np(p.scales), opts)
     nbytes += p.qweight.numel()
     if p.zero_points is not None:
-        zp = _pack_zero_points_4bit(_np(p.zero_points))
+        zp = _pack_zero_points(_np(p.zero_points), p.bits)
         names["zero_points"] = g.initializer(f"{base}.zero_points", zp)
         nbytes += zp.size
     return names, nbytes
+
+
+def matmulnbits_ok(p: BlockQuantizedTensor) -> bool:
+    """ONNX Runtime's MatMulNBits takes 4- or 8-bit codes in power-of-two blocks of 16..256."""
+    b = p.block_size
+    return p.bits in (4, 8) and 16 <= b <= 256 and b & (b - 1) == 0
 
 
 def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
@@ -104,30 +115,31 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
     if isinstance(mod, QuantLinear):
         p = mod.packed
         n, k = p.shape
-        if p.bits == 4:
+        if matmulnbits_ok(p):
             names = cache.get(p)
             owner = cache.owner.get(id(p), base)
             nbytes = 0
             if names is None:
-                names, nbytes = _int4_initializers(g, base, p, opts)
+                names, nbytes = _nbits_initializers(g, base, p, opts)
                 cache.put(p, names, base)
-            elif "scales" not in names:  # B shared from the embedding; MatMulNBits needs 2-D scales
-                _, names["scales"], nbytes = _scale_tensor(g, base, _np(p.scales), opts)
-                if p.zero_points is not None:
-                    zp = _pack_zero_points_4bit(_np(p.zero_points))
-                    names["zero_points"] = g.initializer(f"{base}.zero_points", zp)
-                    nbytes += zp.size
+            elif p.zero_points is not None and "zero_points" not in names:
+                # B and scales are shared with the embedding; MatMulNBits packs zero points its own way
+                zp = _pack_zero_points(_np(p.zero_points), p.bits)
+                names["zero_points"] = g.initializer(f"{base}.zero_points", zp)
+                nbytes += zp.size
             shared = [owner] if owner != base else []
             ins = [x, names["B"], names["scales"]] + ([names["zero_points"]] if "zero_points" in names else [])
             y = g.op("MatMulNBits", *ins, name=f"{base}/MatMulNBits", domain=MS_DOMAIN,
-                     K=k, N=n, bits=4, block_size=p.block_size, accuracy_level=opts.accuracy_level)
-            fmt = LayerFormat(base, f"int4-b{p.block_size}-{'sym' if p.symmetric else 'asym'}",
+                     K=k, N=n, bits=p.bits, block_size=p.block_size, accuracy_level=opts.accuracy_level)
+            fmt = LayerFormat(base, f"int{p.bits}-b{p.block_size}-{'sym' if p.symmetric else 'asym'}",
                               "MatMulNBits", 8 * nbytes / (n * k), n * k, nbytes, shared,
                               (n, k), p.block_size, dict(names))
         elif p.bits == 8:
             y, fmt = _emit_int8_qdq(g, x, p, base, opts)
         else:
-            raise NotImplementedError(f"no ONNX form for {p.bits}-bit weights yet")
+            raise NotImplementedError(
+                f"{base}: no ONNX form for {p.bits}-bit weights in blocks of {p.block_size}; "
+                "use a group_size of 16..256 (a power of two)")
         bias = mod.bias
     elif isinstance(mod, nn.Linear):
         w = g.initializer(f"{base}.weight_t", _np(mod.weight).T.copy())
@@ -180,7 +192,8 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
         if p.bits not in (4, 8):
             raise NotImplementedError(f"no ONNX form for {p.bits}-bit embeddings")
         qname = g.initializer(f"{base}.qweight", _np(p.qweight))
-        _, s, sbytes = _scale_tensor(g, f"{base}.gather", _np(p.scales)[..., None], opts)
+        _, s2d, sbytes = _scale_tensor(g, base, _np(p.scales), opts)  # [V, n_blocks], shared with a tied head
+        s = g.op("Unsqueeze", s2d, g.const("axes2", np.array([2], np.int64)), name=f"{base}/scales_3d")
         ins = [qname, ids, s]
         zbytes = 0
         if p.zero_points is not None:
@@ -196,7 +209,7 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
             out = g.op("Slice", out, g.const("zero", np.array([0], np.int64)),
                        g.const("hidden", np.array([h], np.int64)), g.const("axis2", np.array([2], np.int64)),
                        name=f"{base}/unpad")
-        cache.put(p, {"B": qname}, base)
+        cache.put(p, {"B": qname, "scales": s2d}, base)
         nbytes = p.qweight.numel() + sbytes + zbytes
         inits = {"B": qname, "scales": s} | ({"zero_points": ins[3]} if len(ins) > 3 else {})
         fmt = LayerFormat(base, f"int{p.bits}-b{p.block_size}-{'sym' if p.symmetric else 'asym'}",

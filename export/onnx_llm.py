@@ -61,10 +61,18 @@ def llama_dims(config) -> LlamaDims:
     )
 
 
-def rope_cache(d: LlamaDims, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    inv_freq = 1.0 / (d.rope_theta ** (np.arange(0, d.head_dim, 2, dtype=np.float64) / d.head_dim))
-    freqs = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+def rope_cache(g: GraphBuilder, d: LlamaDims, max_positions: int) -> tuple[str, str]:
+    """cos/sin caches ``[max_positions, head_dim/2]`` computed in the graph, in float32 as
+    Hugging Face does; ONNX Runtime folds them into constants once, at session creation, so
+    they cost nothing on disk."""
+    inv_freq = (1.0 / (d.rope_theta ** (np.arange(0, d.head_dim, 2, dtype=np.int64).astype(np.float32)
+                                        / d.head_dim))).astype(np.float32)
+    pos = g.op("Range", g.const("rope_start", np.array(0.0, np.float32)),
+               g.const("rope_limit", np.array(float(max_positions), np.float32)),
+               g.const("rope_delta", np.array(1.0, np.float32)), name="rope/positions")
+    pos = g.op("Unsqueeze", pos, g.const("rope_axes", np.array([1], np.int64)), name="rope/column")
+    freqs = g.op("Mul", pos, g.initializer("rope.inv_freq", inv_freq[None, :]), name="rope/freqs")
+    return g.op("Cos", freqs, name="rope/cos_cache"), g.op("Sin", freqs, name="rope/sin_cache")
 
 
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:
@@ -115,9 +123,7 @@ def build_llama_decoder(model: nn.Module, *, opts: EmitOptions | None = None, fu
     total = g.op("Cast", g.op("Gather", g.op("Shape", mask, name="mask/shape"),
                               g.const("idx1", np.array(1, np.int64)), name="mask/width", axis=0),
                  name="mask/total_len", to=INT32)
-    cos, sin = rope_cache(d, max_positions or d.max_positions)
-    cos_name = g.initializer("rope.cos_cache", cos)
-    sin_name = g.initializer("rope.sin_cache", sin)
+    cos_name, sin_name = rope_cache(g, d, max_positions or d.max_positions)
 
     h, fmt = emit_embedding(g, ids, inner.embed_tokens, "model.embed_tokens", opts, cache)
     formats.append(fmt)

@@ -29,6 +29,9 @@ class OrtCpuRuntime(Runtime):
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # the optional `logits_to_keep` input is an overridable initializer
+        # ORT rewrites int8 DequantizeLinear+MatMul into MatMulNBits; keep the artifact's numerics
+        level = artifact.manifest.get("onnx", {}).get("accuracy_level", 4)
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1

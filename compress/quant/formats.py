@@ -142,14 +142,15 @@ def _round_scales(scales: torch.Tensor, dtype: str) -> torch.Tensor:
         return scales
     if dtype != "float16":
         raise ValueError(f"scale_dtype must be float16 or float32, got {dtype!r}")
-    return scales.clamp(min=2.0**-24, max=65504.0).to(torch.float16).to(torch.float32)
+    mag = scales.abs().clamp(min=2.0**-24, max=65504.0)
+    return (torch.sign(scales) * mag).to(torch.float16).to(torch.float32)
 
 
 def quantize_blockwise(w: torch.Tensor, scheme: QuantScheme) -> BlockQuantizedTensor:
     """Round-to-nearest quantization of ``w [N, K]`` (pure function).
 
-    Symmetric: ``scale = absmax / (2**(bits-1) - 1)``, codes ``round(w/scale) + 2**(bits-1)``
-    clamped to ``[0, 2**bits - 1]``. Asymmetric: ``scale = (max - min) / (2**bits - 1)`` over
+    Symmetric: ``scale = -peak / 2**(bits-1)`` where ``peak`` is the block's value of largest
+    magnitude (signed), codes ``round(w/scale) + 2**(bits-1)`` clamped to ``[0, 2**bits - 1]``. Asymmetric: ``scale = (max - min) / (2**bits - 1)`` over
     each block's range extended to include 0, ``zp = round(-min/scale)``.
     """
     if w.dim() != 2:
@@ -167,9 +168,15 @@ def quantize_blockwise(w: torch.Tensor, scheme: QuantScheme) -> BlockQuantizedTe
     # symmetric and the zero-including asymmetric ranges contain anyway.
     qmax = (1 << scheme.bits) - 1
     if scheme.symmetric:
+        # the block's largest-magnitude value maps exactly onto the grid's end code -2**(bits-1)
+        # (negative scale when that value is positive), so all 2**bits codes are used
+        # (llama.cpp Q4_0 / ONNX Runtime MLAS convention)
         mid = 1 << (scheme.bits - 1)
-        absmax = blocks.abs().amax(-1)
-        scales = _round_scales((absmax / (mid - 1)).clamp(min=1e-12), scheme.scale_dtype)
+        idx = blocks.abs().argmax(-1, keepdim=True)
+        peak = blocks.gather(-1, idx).squeeze(-1)
+        scales = peak / -mid
+        scales = torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)
+        scales = _round_scales(scales, scheme.scale_dtype)
         q = torch.round(blocks / scales.unsqueeze(-1)) + mid
         zero_points = None
     else:

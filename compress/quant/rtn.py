@@ -78,7 +78,7 @@ def apply_rtn(model: nn.Module, cfg: RTNConfig) -> list[QuantRecord]:
         emb_name = next(n for n, m in model.named_modules() if m is emb)
         if tied:
             skip.add(tied[0])
-        if cfg.embeddings and not any(re.search(i, emb_name) for i in cfg.ignore):
+        if cfg.embeddings and select(emb_name, cfg.targets, cfg.ignore):
             packed = quantize_blockwise(emb.weight, scheme)
             _set_module(model, emb_name, QuantEmbedding(packed, emb.padding_idx))
             rec = QuantRecord(emb_name, "block_int", scheme.bits, packed.block_size, scheme.symmetric,

@@ -1,0 +1,136 @@
+"""RTN block quantization against an independent NumPy oracle, on awkward shapes."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgecompress.compress.quant.formats import (BlockQuantizedTensor, QuantScheme, pack_codes, quantize_blockwise,
+                                                 unpack_codes)
+from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
+from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
+
+
+def numpy_rtn(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
+    """Independent reference: fake-quantized weights, block by block, with fp16-rounded scales."""
+    n, k = w.shape
+    out = np.zeros_like(w, dtype=np.float64)
+    qmax = 2**bits - 1
+    for r in range(n):
+        for s in range(0, k, block):
+            x = w[r, s:s + block].astype(np.float64)
+            if symmetric:  # the signed peak maps onto code 0 (= -2**(bits-1)), as llama.cpp's Q4_0
+                mid = 2 ** (bits - 1)
+                peak = x[np.argmax(np.abs(x))]
+                scale = np.float64(np.float16(-peak / mid))
+                q = np.clip(np.round(x / scale) + mid, 0, qmax)
+                out[r, s:s + block] = (q - mid) * scale
+            else:
+                lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+                scale = np.float64(np.float16(max((hi - lo) / qmax, 1e-12)))
+                zp = np.clip(np.round(-lo / scale), 0, qmax)
+                q = np.clip(np.round(x / scale) + zp, 0, qmax)
+                out[r, s:s + block] = (q - zp) * scale
+    return out
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum()))
+
+
+@pytest.mark.parametrize("shape", [(7, 72), (33, 576), (5, 100), (3, 1536)])
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (4, 128), (8, 128), (4, 0), (8, 0)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_matches_numpy_oracle(shape, bits, block, symmetric):
+    torch.manual_seed(1)
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 3
+    p = quantize_blockwise(w, QuantScheme(bits=bits, block_size=block, symmetric=symmetric))
+    ref = numpy_rtn(w.numpy(), bits, block or shape[1], symmetric)
+    np.testing.assert_allclose(p.to_float().numpy(), ref, rtol=1e-6, atol=1e-7)
+    assert p.to_float().shape == w.shape
+    # error bound: half a step, except where a code was clipped at the top of the grid (the
+    # symmetric grid has one code fewer above zero than below; the asymmetric zero point is
+    # rounded): there at most one step
+    step = p.scales.abs().repeat_interleave(p.block_size, 1)[:, : shape[1]]
+    err = (p.to_float() - w).abs()
+    codes = p.unpacked()[:, : shape[1]]
+    clipped = codes == 2**bits - 1
+    assert torch.all(err <= step * 1.0 + 1e-6)
+    assert torch.all(err[~clipped] <= step[~clipped] * 0.5 * (1 + 1e-3) + 1e-6)
+
+
+def test_sqnr_floor_on_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(576, 1536)
+    for bits, block, floor in [(4, 128, 17.0), (4, 32, 19.0), (8, 0, 38.0)]:
+        p = quantize_blockwise(lin.weight, QuantScheme(bits, block, True))
+        assert sqnr_db(lin.weight.detach(), p.to_float()) > floor, (bits, block)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_roundtrip(bits):
+    q = torch.randint(0, 2**bits, (6, 3 * 64), dtype=torch.uint8)
+    packed = pack_codes(q, bits, 64)
+    assert packed.shape == (6, 3, 64 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits, 64), q)
+    if bits == 4:  # low nibble holds the even-index value (ONNX Runtime's layout)
+        assert int(packed[0, 0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)
+
+
+def test_bits_per_weight_counts_scales_and_zero_points():
+    w = torch.randn(16, 576)
+    sym = quantize_blockwise(w, QuantScheme(4, 64, True))
+    asym = quantize_blockwise(w, QuantScheme(4, 64, False))
+    assert sym.bits_per_weight(16) == pytest.approx(4 + 16 / 64)
+    assert asym.bits_per_weight(16) == pytest.approx(4 + 16 / 64 + 4 / 64)
+    padded = quantize_blockwise(w, QuantScheme(4, 128, True))  # 576 = 4.5 blocks of 128: padding is stored
+    assert padded.n_blocks == 5 and padded.bits_per_weight(16) > 4 + 16 / 128
+
+
+def test_cat_rows_fuses_and_refuses_mixed_schemes():
+    a = quantize_blockwise(torch.randn(8, 64), QuantScheme(4, 32, True))
+    b = quantize_blockwise(torch.randn(4, 64), QuantScheme(4, 32, True))
+    fused = a.cat_rows(b)
+    assert torch.equal(fused.to_float(), torch.cat([a.to_float(), b.to_float()]))
+    c = quantize_blockwise(torch.randn(4, 64), QuantScheme(4, 32, False))
+    with pytest.raises(ValueError):
+        a.cat_rows(c)
+
+
+def test_scheme_rejects_unsupported_bits():
+    with pytest.raises(ValueError, match="bits"):
+        QuantScheme(bits=5)
+
+
+def test_apply_rtn_quantizes_embedding_and_tied_head_together(tiny_llama):
+    recs = apply_rtn(tiny_llama, RTNConfig(bits=4, group_size=32))
+    emb, head = tiny_llama.model.embed_tokens, tiny_llama.lm_head
+    assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear)
+    assert head.packed is emb.packed  # one tensor, stored once
+    names = {r.module for r in recs}
+    assert "model.embed_tokens" in names and "lm_head" not in names
+    assert next(r for r in recs if r.module == "model.embed_tokens").shared_with == ["lm_head"]
+    n_linear = 2 * 7
+    assert len(recs) == n_linear + 1
+    with torch.no_grad():
+        out = tiny_llama(torch.randint(0, 260, (1, 12))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_apply_rtn_targets_ignore_and_embeddings_off(tiny_llama):
+    recs = apply_rtn(tiny_llama, RTNConfig(bits=8, group_size=0, targets=(r"mlp\.",), ignore=(r"down_proj",),
+                                           embeddings=False))
+    names = {r.module for r in recs}
+    assert names == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj")}
+    assert type(tiny_llama.lm_head) is nn.Linear  # tied to the fp32 embedding, left as is
+    assert type(tiny_llama.model.embed_tokens) is nn.Embedding
+
+
+def test_quant_linear_matches_dense_dequantized():
+    torch.manual_seed(0)
+    lin = nn.Linear(72, 40)
+    p = quantize_blockwise(lin.weight, QuantScheme(4, 32, False))
+    ql = QuantLinear(p, lin.bias)
+    x = torch.randn(3, 72)
+    assert torch.allclose(ql(x), x @ p.to_float().T + lin.bias, atol=1e-6)
+    assert isinstance(p, BlockQuantizedTensor)
