@@ -28,7 +28,7 @@ from .check import apply_thresholds, check_causal_lm
 from .data import fingerprint_tokens, load_text, token_windows
 from .errors import ArtifactError, CheckFailed, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
-from .progress import console
+from .progress import console, ticker
 from .recipe import ExportSpec, QuantizeStep, Recipe, StepConfig, recipe_to_dict
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def calibration_summary(store: StatsStore, windows: torch.Tensor, source: str, r
 
 
 def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: ExportSpec,
-                  manifest: dict[str, Any]) -> dict[str, Any]:
+                  manifest: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
     """Write one artifact folder (model files, HF files, manifest) into ``dest``."""
     from edgecompress.export.onnx_export import export_causal_lm
 
@@ -83,7 +83,10 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
         raise EdgeCompressError(f"ONNX export of {loaded.task} models is not implemented yet",
                                 hint="this release exports causal LMs (e.g. smollm2-135m, tiny-llama)")
     dest.mkdir(parents=True)
-    body = export_causal_lm(model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv)
+    n_layers = len(getattr(getattr(model, "model", model), "layers", ()))
+    with ticker(n_layers, f"exporting {spec.name}", progress) as advance:
+        body = export_causal_lm(model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv,
+                                progress=advance)
     loaded.save_hf_files(dest)
     return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
 
@@ -135,7 +138,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
             console.log(f"exporting [bold]{spec.name}[/] ({spec.format}, {'reference' if spec.reference else 'compressed'})")
             src = reference if spec.reference else model
             manifest = {**base_manifest, "steps": [] if spec.reference else steps}
-            m = export_target(src, loaded, tmp / spec.name, spec, manifest)
+            m = export_target(src, loaded, tmp / spec.name, spec, manifest, progress=progress)
             report["exports"][spec.name] = {"size_mb": m["size_bytes"] / 1e6, **m["weights"],
                                             "op_counts": m["onnx"]["op_counts"], "reference": spec.reference}
         timings["export_s"] = time.perf_counter() - t

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator
+import contextlib
+from typing import Any, Callable, Iterable, Iterator
 
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, log_path=False)
 
 
 def enabled_by_default() -> bool:
@@ -24,3 +25,16 @@ def track(items: Iterable[Any], total: int | None, description: str, enabled: bo
 
     with Progress(console=console, transient=True) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+@contextlib.contextmanager
+def ticker(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A transient progress bar advanced by calling the yielded function (no-op when disabled)."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)

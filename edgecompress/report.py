@@ -26,13 +26,13 @@ def print_metrics(d: dict[str, Any], title: str | None = None) -> None:
 
 def print_report(report: dict[str, Any]) -> None:
     t = Table(title=f"{report['recipe']}: exports ({report['out']})")
-    for col in ("export", "size MB", "bits/weight", "params", "prefill tok/s", "decode tok/s", "peak RSS MB"):
+    for col in ("export", "MB", "bits/w", "prefill tok/s", "decode tok/s", "RSS MB"):
         t.add_column(col, justify="right")
     bench = report.get("bench", {})
     for name, e in report["exports"].items():
         b = bench.get(name, {})
-        t.add_row(name + (" (reference)" if e.get("reference") else ""), _fmt(e["size_mb"]),
-                  _fmt(e.get("bits_per_weight")), f"{e.get('weight_params', 0):,}", _fmt(b.get("prefill_tok_s")),
+        t.add_row(name + (" (ref)" if e.get("reference") else ""), _fmt(e["size_mb"]),
+                  _fmt(e.get("bits_per_weight")), _fmt(b.get("prefill_tok_s")),
                   _fmt(b.get("decode_tok_s")), _fmt(b.get("peak_rss_mb")))
     console.print(t)
     if "check" in report:
