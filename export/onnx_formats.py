@@ -24,7 +24,7 @@ from torch import nn
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
 from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
 
-from .graph import FLOAT, MS_DOMAIN, GraphBuilder
+from .graph import MS_DOMAIN, GraphBuilder
 
 
 @dataclass

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgecompress.compress.calibration.observers import Observer, observer_class
+from edgecompress.artifact import sha256_file
 from edgecompress.errors import EdgeCompressError
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class StatsStore:
             "model_fingerprint": self.model_fingerprint,
             "data_fingerprint": self.data_fingerprint,
             "created": self.created,
-            "stats_sha256": _file_sha256(stats_tmp),
+            "stats_sha256": sha256_file(stats_tmp),
             "entries": [
                 {"module": m, "stat": s, "count": self.counts[(m, s)], "tensors": sorted(d)}
                 for (m, s), d in self.entries.items()
@@ -157,7 +158,7 @@ class StatsStore:
             if want is not None and want != have:
                 log.info("statistics store %s was made for another %s (%s, not %s)", folder, what, have, want)
                 return None
-        if meta.get("stats_sha256") != _file_sha256(stats_path):
+        if meta.get("stats_sha256") != sha256_file(stats_path):
             raise EdgeCompressError(
                 f"statistics file {stats_path} is corrupt (checksum does not match {META_FILE})", hint=_DELETE_HINT
             )
@@ -177,14 +178,6 @@ class StatsStore:
                 f"statistics file {stats_path} does not match {META_FILE} (missing {exc})", hint=_DELETE_HINT
             ) from exc
         return store
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:
