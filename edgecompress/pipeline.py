@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +21,10 @@ from torch import nn
 
 from edgecompress.compress.calibration.driver import StatRequest, calibrate
 from edgecompress.compress.calibration.store import StatsStore, model_fingerprint
+from edgecompress.compress.quant.formats import QuantScheme
+from edgecompress.compress.quant.gptq import GPTQConfig
 from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
+from edgecompress.compress.quant.sequential import apply_awq, apply_gptq
 
 from .artifact import Artifact, atomic_folder, write_manifest
 from .bench import bench_in_subprocess
@@ -29,23 +33,71 @@ from .data import fingerprint_tokens, load_text, token_windows
 from .errors import ArtifactError, CheckFailed, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import ExportSpec, QuantizeStep, Recipe, recipe_to_dict
+from .recipe import AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, recipe_to_dict
 
 log = logging.getLogger(__name__)
 
-# statistics every run gathers for the manifest's calibration summary
+# statistics every run gathers for the manifest's calibration summary, on the first few windows
 SUMMARY_REQUESTS = (StatRequest(r".*", "minmax"),)
+SUMMARY_WINDOWS = 8
 
 
-def _apply_quantize(model: nn.Module, step: QuantizeStep, store: StatsStore) -> list[dict]:
+@dataclass
+class StepContext:
+    """What a step may use: the calibration windows, the statistics gathered before the steps."""
+
+    windows: torch.Tensor
+    store: StatsStore
+    progress: bool
+
+
+def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
+    return QuantScheme(bits=step.bits, block_size=step.group_size or 0, symmetric=step.symmetric,
+                       scale_dtype=step.scale_dtype)
+
+
+def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> list[dict]:
+    if step.method == "gptq":
+        return apply_gptq(model, ctx.windows, _scheme(step), GPTQConfig(damp=step.damp, act_order=step.act_order),
+                          targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
+                          progress=ctx.progress)
     cfg = RTNConfig(bits=step.bits, group_size=step.group_size or 0, symmetric=step.symmetric,
                     targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
                     scale_dtype=step.scale_dtype)
     return [asdict(r) for r in apply_rtn(model, cfg)]
 
 
-STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StatsStore], list[dict]]] = {
+def _apply_awq(model: nn.Module, step: AWQStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.quant.awq import AWQConfig
+
+    cfg = AWQConfig(scheme=_scheme(step), grid=step.grid, clip=step.clip, max_shrink=step.max_shrink)
+    return apply_awq(model, ctx.windows, cfg, progress=ctx.progress)
+
+
+def _apply_mixed(model: nn.Module, step: MixedPrecisionStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.quant.mixed import plan_mixed_precision
+
+    schemes = [QuantScheme(bits=c.bits, block_size=c.group_size or 0, symmetric=step.symmetric,
+                           scale_dtype=step.scale_dtype) for c in step.candidates]
+    plan, report = plan_mixed_precision(model, ctx.windows[: step.samples], schemes, step.budget_bits,
+                                        embeddings=step.embeddings, progress=ctx.progress)
+    if step.method == "gptq":
+        records = apply_gptq(model, ctx.windows, plan.get, GPTQConfig(damp=step.damp, act_order=step.act_order),
+                             embeddings=step.embeddings, progress=ctx.progress)
+    else:
+        records = []
+        for name, s in plan.items():
+            exact = "^" + re.escape(name) + "$"
+            records += [asdict(r) for r in apply_rtn(model, RTNConfig(
+                bits=s.bits, group_size=s.block_size, symmetric=s.symmetric, targets=(exact,), embeddings=True,
+                scale_dtype=s.scale_dtype))]
+    return [{"mixed_precision": report}] + records
+
+
+STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = {
     "quantize": _apply_quantize,
+    "awq": _apply_awq,
+    "mixed_precision": _apply_mixed,
 }
 
 
@@ -70,7 +122,8 @@ def calibration_summary(store: StatsStore, windows: torch.Tensor, source: str, r
         layers[name] = {"input_absmax": round(float(s["absmax"].max()), 4),
                         "input_channel_absmax_median": round(float(s["absmax"].median()), 4)}
     return {"data": source, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-            "tokens": int(windows.numel()), "data_fingerprint": store.data_fingerprint,
+            "tokens": int(windows.numel()), "summary_windows": min(SUMMARY_WINDOWS, int(windows.shape[0])),
+            "data_fingerprint": store.data_fingerprint,
             "model_fingerprint": store.model_fingerprint, "reused": reused, "layers": layers}
 
 
@@ -116,7 +169,8 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     cal = recipe.calibration
     windows = token_windows(tok, load_text(cal.data), cal.seq_len, cal.samples, seed=cal.seed)
     console.log(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens of {cal.data}")
-    store, reused = calibration_store(model, windows, SUMMARY_REQUESTS, progress=progress, cache_dir=cache_dir)
+    store, reused = calibration_store(model, windows[:SUMMARY_WINDOWS], SUMMARY_REQUESTS, progress=progress,
+                                      cache_dir=cache_dir)
     summary = calibration_summary(store, windows, cal.data, reused)
     timings["calibrate_s"] = time.perf_counter() - t
 
@@ -124,7 +178,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     steps: list[dict[str, Any]] = []
     for i, step in enumerate(recipe.steps):
         console.log(f"step {i}: {step.step_type}")
-        records = STEP_APPLIERS[step.step_type](model, step, store)
+        records = STEP_APPLIERS[step.step_type](model, step, StepContext(windows, store, progress))
         steps.append({"step": step.step_type, "config": step.model_dump(mode="json"), "modules": records})
     timings["steps_s"] = time.perf_counter() - t
 

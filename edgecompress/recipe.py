@@ -162,8 +162,15 @@ def _check_data(value: str) -> str:
 
 DataSource = Annotated[StrictStr, AfterValidator(_check_data)]
 
+# Quantization presets (weight bits / activation bits), expanded into explicit quantize settings.
+PRESETS: dict[str, dict[str, Any]] = {
+    "w4a16": {"bits": 4, "group_size": 128, "symmetric": True},
+    "w8a16": {"bits": 8, "group_size": None, "symmetric": True},
+}
+
 # Choice types: extend a Literal here to add an option (e.g. a new quantization method).
-QuantMethod = _choice("rtn")
+QuantMethod = _choice("rtn", "gptq")
+Preset = _choice(*PRESETS)
 Bits = _choice(4, 8)
 GroupSize = Annotated[
     _choice(32, 64, 128, None, note=" (null or 0 = per-channel)"),
@@ -246,8 +253,13 @@ class QuantizeStep(StepConfig):
 
     step_type: ClassVar[str] = "quantize"
 
+    preset: Preset | None = Field(
+        None, description="Shorthand that expands to explicit settings (keys given beside it win): "
+        + "; ".join(f"{k} = {v}" for k, v in PRESETS.items()) + ". `edgecompress explain` shows the expansion."
+    )
     method: QuantMethod = Field(
-        "rtn", description="Quantization algorithm: rtn (round-to-nearest)."
+        "rtn", description="Quantization algorithm: rtn (round-to-nearest) or gptq (Hessian-based error "
+        "compensation, layer by layer on the calibration data; Frantar et al. 2022)."
     )
     bits: Bits = Field(4, description="Weight bits: 4 or 8.")
     group_size: GroupSize = Field(
@@ -269,19 +281,75 @@ class QuantizeStep(StepConfig):
     scale_dtype: ScaleDtype = Field(
         "float16", description="Storage dtype of the scales in the artifact: float16 or float32."
     )
+    damp: StrictFloat = Field(
+        0.01, gt=0, le=1, description="gptq: damping added to the Hessian diagonal, as a fraction of its mean."
+    )
+    act_order: StrictBool = Field(
+        False, description="gptq: quantize input columns in order of decreasing activation energy "
+        "(static groups keep the block layout)."
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _default_group_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("preset"), str) and data["preset"] in PRESETS:
+            data = {**PRESETS[data["preset"]], **data}
         # int4 defaults to groups of 128; int8 to per-channel.
         if isinstance(data, dict) and "group_size" not in data:
             data = {**data, "group_size": None if data.get("bits", 4) == 8 else 128}
         return data
 
 
+class AWQStep(StepConfig):
+    """AWQ: per-input-channel scales (and clip ranges) searched on calibration statistics and folded
+    into the preceding norm/linear; weights stay float, so a later quantize step (rtn or gptq) with the
+    same bits/group_size quantizes them (Lin et al. 2023)."""
+
+    step_type: ClassVar[str] = "awq"
+
+    bits: Bits = Field(4, description="Bits of the quantizer the search optimises for (use the same in quantize).")
+    group_size: GroupSize = Field(128, description="Group size of that quantizer.")
+    symmetric: StrictBool = Field(True, description="Symmetric quantizer (no zero point).")
+    scale_dtype: ScaleDtype = Field("float16", description="Scale storage dtype of that quantizer.")
+    grid: StrictInt = Field(20, ge=2, le=100, description="Points of the scale-exponent grid search in [0, 1].")
+    clip: StrictBool = Field(True, description="Also search per-block clipping ranges (and clamp the weights).")
+    max_shrink: StrictFloat = Field(0.5, gt=0, lt=1, description="Largest fraction a clip search may cut a range by.")
+
+
+class Candidate(BaseModel):
+    """One weight format a layer may take."""
+
+    model_config = _FROZEN
+
+    bits: Bits = Field(description="Weight bits: 4 or 8.")
+    group_size: GroupSize = Field(64, description="Weights per scale (null = per channel).")
+
+
+class MixedPrecisionStep(StepConfig):
+    """Per-layer bit-widths by measured sensitivity under a bits-per-weight budget, then quantization
+    (rtn or gptq) with the chosen format per layer; the manifest records each layer's choice."""
+
+    step_type: ClassVar[str] = "mixed_precision"
+
+    method: QuantMethod = Field("gptq", description="Quantizer applied with the chosen formats: rtn or gptq.")
+    budget_bits: StrictFloat = Field(gt=0, description="Bits per weight over all weight matrices, every "
+                                     "stored byte counted (codes, padding, scales, zero points).")
+    candidates: tuple[Candidate, ...] = Field(
+        (Candidate(bits=4, group_size=64), Candidate(bits=8, group_size=64)), min_length=1,
+        description="Formats to choose from, cheapest first; the first is the default for every layer.")
+    symmetric: StrictBool = Field(True, description="Symmetric quantization (no zero point).")
+    scale_dtype: ScaleDtype = Field("float16", description="Storage dtype of the scales.")
+    samples: StrictInt = Field(4, ge=1, description="Calibration windows used to measure sensitivity.")
+    embeddings: StrictBool = Field(True, description="Include the token embedding (and its tied head).")
+    damp: StrictFloat = Field(0.01, gt=0, le=1, description="gptq: Hessian damping.")
+    act_order: StrictBool = Field(False, description="gptq: activation-order column processing.")
+
+
 #: Registered step types: the YAML key of a step item -> its config model.
 STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
+    AWQStep.step_type: AWQStep,
+    MixedPrecisionStep.step_type: MixedPrecisionStep,
 }
 
 

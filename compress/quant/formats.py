@@ -146,52 +146,77 @@ def _round_scales(scales: torch.Tensor, dtype: str) -> torch.Tensor:
     return (torch.sign(scales) * mag).to(torch.float16).to(torch.float32)
 
 
-def quantize_blockwise(w: torch.Tensor, scheme: QuantScheme) -> BlockQuantizedTensor:
-    """Round-to-nearest quantization of ``w [N, K]`` (pure function).
-
-    Symmetric: ``scale = -peak / 2**(bits-1)`` where ``peak`` is the block's value of largest
-    magnitude (signed), codes ``round(w/scale) + 2**(bits-1)`` clamped to ``[0, 2**bits - 1]``. Asymmetric: ``scale = (max - min) / (2**bits - 1)`` over
-    each block's range extended to include 0, ``zp = round(-min/scale)``.
-    """
+def to_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``w [N, K]`` as float32 blocks ``[N, n_blocks, block]`` (block 0 = whole row), zero-padded."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
     n, k = w.shape
-    block = scheme.block_size or k
+    block = block_size or k
     n_blocks = math.ceil(k / block)
-    if scheme.bits == 4 and block % 2:
-        raise ValueError("4-bit blocks need an even block size")
-    wf = w.detach().to(torch.float32)
     padded = torch.zeros(n, n_blocks * block, dtype=torch.float32)
-    padded[:, :k] = wf
-    blocks = padded.view(n, n_blocks, block)
-    # statistics over the real (unpadded) values only: padding is zeros, which the
-    # symmetric and the zero-including asymmetric ranges contain anyway.
+    padded[:, :k] = w.detach().to(torch.float32)
+    return padded.view(n, n_blocks, block)
+
+
+def block_scales(blocks: torch.Tensor, scheme: QuantScheme,
+                 clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales ``[N, n_blocks]`` (rounded to ``scheme.scale_dtype``) and zero points (None if symmetric).
+
+    Symmetric: ``scale = -clip * peak / 2**(bits-1)`` where ``peak`` is the block's value of
+    largest magnitude (signed), so it maps exactly onto code 0 and all ``2**bits`` codes are
+    used (llama.cpp Q4_0 / ONNX Runtime MLAS convention). Asymmetric: the block's range,
+    extended to include 0 and shrunk by ``clip``, over ``2**bits - 1`` steps, ``zp = round(-min/scale)``.
+    ``clip`` (scalar or ``[N, n_blocks]``) < 1 trades clipped outliers for a finer grid.
+    """
     qmax = (1 << scheme.bits) - 1
     if scheme.symmetric:
-        # the block's largest-magnitude value maps exactly onto the grid's end code -2**(bits-1)
-        # (negative scale when that value is positive), so all 2**bits codes are used
-        # (llama.cpp Q4_0 / ONNX Runtime MLAS convention)
         mid = 1 << (scheme.bits - 1)
-        idx = blocks.abs().argmax(-1, keepdim=True)
-        peak = blocks.gather(-1, idx).squeeze(-1)
-        scales = peak / -mid
+        peak = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scales = clip * peak / -mid
         scales = torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)
-        scales = _round_scales(scales, scheme.scale_dtype)
-        q = torch.round(blocks / scales.unsqueeze(-1)) + mid
-        zero_points = None
-    else:
-        lo = blocks.amin(-1).clamp(max=0.0)
-        hi = blocks.amax(-1).clamp(min=0.0)
-        scales = _round_scales(((hi - lo) / qmax).clamp(min=1e-12), scheme.scale_dtype)
-        zp = torch.round(-lo / scales).clamp(0, qmax)
-        q = torch.round(blocks / scales.unsqueeze(-1)) + zp.unsqueeze(-1)
-        zero_points = zp.to(torch.uint8)
-    q = q.clamp(0, qmax).to(torch.uint8).view(n, n_blocks * block)
+        return _round_scales(scales, scheme.scale_dtype), None
+    lo = blocks.amin(-1).clamp(max=0.0) * clip
+    hi = blocks.amax(-1).clamp(min=0.0) * clip
+    scales = _round_scales(((hi - lo) / qmax).clamp(min=1e-12), scheme.scale_dtype)
+    return scales, torch.round(-lo / scales).clamp(0, qmax)
+
+
+def encode(blocks: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+           bits: int) -> torch.Tensor:
+    """Codes ``clamp(round(w / scale) + zp, 0, 2**bits - 1)`` (float tensor of integers).
+
+    ``blocks`` is ``[..., block]`` with ``scales``/``zero_points`` broadcasting over ``[...]``;
+    ``zero_points`` None means the symmetric ``2**(bits-1)``.
+    """
+    zp = zero_points if zero_points is not None else torch.full_like(scales, float(1 << (bits - 1)))
+    return (torch.round(blocks / scales.unsqueeze(-1)) + zp.unsqueeze(-1)).clamp(0, (1 << bits) - 1)
+
+
+def decode(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Inverse of :func:`encode` up to rounding: ``(codes - zp) * scale``."""
+    zp = zero_points if zero_points is not None else torch.full_like(scales, float(1 << (bits - 1)))
+    return (codes - zp.unsqueeze(-1)) * scales.unsqueeze(-1)
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, scheme: QuantScheme,
+         shape: tuple[int, int]) -> BlockQuantizedTensor:
+    """Codes ``[N, n_blocks, block]`` + scales/zero points -> the packed tensor."""
+    n, n_blocks, block = codes.shape
+    if scheme.bits == 4 and block % 2:
+        raise ValueError("4-bit blocks need an even block size")
     return BlockQuantizedTensor(
-        qweight=pack_codes(q, scheme.bits, block),
+        qweight=pack_codes(codes.to(torch.uint8).view(n, n_blocks * block), scheme.bits, block),
         scales=scales.contiguous(),
-        zero_points=zero_points,
+        zero_points=None if zero_points is None else zero_points.to(torch.uint8),
         bits=scheme.bits,
         block_size=block,
-        shape=(n, k),
+        shape=shape,
     )
+
+
+def quantize_blockwise(w: torch.Tensor, scheme: QuantScheme,
+                       clip: torch.Tensor | float = 1.0) -> BlockQuantizedTensor:
+    """Round-to-nearest quantization of ``w [N, K]`` (pure function); scales as :func:`block_scales`."""
+    blocks = to_blocks(w, scheme.block_size)
+    scales, zp = block_scales(blocks, scheme, clip)
+    return pack(encode(blocks, scales, zp, scheme.bits), scales, zp, scheme, tuple(w.shape))

@@ -1,0 +1,151 @@
+"""GPTQ: Hessian-aware weight quantization with error feedback, into the RTN block layout.
+
+Pure core: :func:`gptq_quantize` takes a weight ``[N, K]`` and the input Hessian
+``H = (1/n) sum_t x_t x_t^T`` from ``HessianObserver`` (no factor 2: it cancels in the update,
+and damping is relative to ``mean(diag(H))``). The result is packed exactly as
+:func:`~edgecompress.compress.quant.formats.quantize_blockwise` packs it (contiguous groups of
+``scheme.block_size`` along K), so every exporter of that format works unchanged.
+
+``H`` must be averaged over at least K tokens (in practice many more) to have full rank; with
+fewer it is singular and only damping keeps it invertible. Supplying enough calibration data
+is the caller's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .formats import BlockQuantizedTensor, QuantScheme, block_scales, decode, encode, pack
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
+    block: int = 128  # columns per lazy-batch update (GPTQ's blocksize); independent of the quantization group
+    act_order: bool = False  # process columns by decreasing diag(H), with static (up-front) group scales
+    max_damp_tries: int = 6  # Cholesky attempts, damp x10 after each failure (each one logged as a warning)
+
+    def __post_init__(self) -> None:
+        if not self.damp > 0:
+            raise ValueError(f"damp must be > 0 (it is escalated multiplicatively), got {self.damp}")
+        if self.block < 1 or self.max_damp_tries < 1:
+            raise ValueError("block and max_damp_tries must be >= 1")
+
+
+def layer_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """``trace((Wq - W) H (Wq - W)^T) / N``: expected squared output error per output row."""
+    d = (Wq.double() - W.double())
+    return float(((d @ H.double()) * d).sum() / W.shape[0])
+
+
+def _upper_chol_inverse(H: torch.Tensor, damp: float, tries: int, where: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (float64), escalating ``damp``."""
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    mean_diag = float(H.diagonal().mean())
+    for attempt in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        if attempt + 1 < tries:
+            log.warning("GPTQ %s: Hessian not positive definite with damp=%g; retrying with damp=%g",
+                        where, damp, damp * 10)
+        damp *= 10
+    raise ValueError(f"GPTQ {where}: Hessian is not positive definite even with damp={damp / 10:g} "
+                     f"after {tries} tries (too few calibration tokens, or a corrupt Hessian?)")
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(), *,
+                  clip: float | torch.Tensor = 1.0) -> tuple[BlockQuantizedTensor, dict]:
+    """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+    Pre-trained Transformers"; cf. IST-DASLab/gptq ``fasterquant``) of ``W [N, K]`` given ``H [K, K]``.
+
+    Columns are quantized one at a time on the ``scheme`` grid; each column's scaled error
+    ``err_j = (w_j - q_j) / U_jj`` is fed back into the not-yet-quantized columns,
+    ``W[:, j+1:] -= err_j (x) U[j, j+1:]``, with ``U`` the upper Cholesky factor of ``Hinv``
+    (lazily, every ``cfg.block`` columns). Group scales (``scheme.block_size`` columns along K,
+    0 = whole row) are taken, like ``block_scales`` with ``clip`` (scalar or ``[N, n_groups]``),
+    from the current error-updated weights when the sweep reaches the group; with
+    ``cfg.act_order`` they are "static": all computed up front from the original ``W``.
+    Dead inputs (``H_ii == 0``) get ``H_ii = 1`` and zero weights.
+
+    Returns the packed tensor and ``{"damp_used", "loss", "dead_columns"}``: ``damp_used`` is the
+    relative damping that succeeded; ``loss = sum_j ||w_j - q_j||^2 / U_jj^2``, which equals
+    ``trace(dW H' dW^T)`` for the damped Hessian ``H'``.
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"GPTQ needs W [N, K] and H [K, K], got {tuple(W.shape)} and {tuple(H.shape)}")
+    N, K = W.shape
+    where = f"layer [N={N}, K={K}]"
+    for name, t in (("Hessian", H), ("weight", W)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"GPTQ {where}: the {name} has non-finite values (NaN/inf)")
+    G = scheme.block_size or K
+    n_groups = math.ceil(K / G)
+    W = W.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float64).clone()
+
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if isinstance(clip, torch.Tensor) and clip.dim() > 0:
+        clip = torch.broadcast_to(clip.to(torch.float32), (N, n_groups))
+
+    def group_scales(cols: torch.Tensor, g: slice):  # cols [N, n*G] (zero-padded) -> scales/zp [N, n]
+        c = clip[:, g] if isinstance(clip, torch.Tensor) and clip.dim() > 0 else clip
+        return block_scales(cols.view(N, -1, G), scheme, c)
+
+    if cfg.act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        padded = torch.zeros(N, n_groups * G)
+        padded[:, :K] = W
+        scales, zp = group_scales(padded, slice(None))
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(K)
+        scales = torch.zeros(N, n_groups)
+        zp = None if scheme.symmetric else torch.zeros(N, n_groups)
+    group_of = (perm // G).tolist()
+
+    U, damp = _upper_chol_inverse(H, cfg.damp, cfg.max_damp_tries, where)
+    U = U.to(torch.float32)
+    codes = torch.empty(N, K)
+    loss = torch.zeros((), dtype=torch.float64)
+    for i1 in range(0, K, cfg.block):
+        i2 = min(i1 + cfg.block, K)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1)
+        for i in range(i2 - i1):
+            j, g = i1 + i, group_of[i1 + i]
+            if not cfg.act_order and j % G == 0:  # group starts: scales from its current weights
+                ge = min(j + G, K)
+                cur = torch.zeros(N, G)
+                cur[:, : min(ge, i2) - j] = W1[:, i: min(ge, i2) - i1]
+                if ge > i2:  # beyond this lazy block: apply the pending updates now
+                    cur[:, i2 - j: ge - j] = W[:, i2:ge] - Err1[:, :i] @ U[i1:j, i2:ge]
+                s, z = group_scales(cur, slice(g, g + 1))
+                scales[:, g] = s[:, 0]
+                if zp is not None:
+                    zp[:, g] = z[:, 0]
+            s, z = scales[:, g], None if zp is None else zp[:, g]
+            w = W1[:, i]
+            c = encode(w.unsqueeze(-1), s, z, scheme.bits)
+            q = decode(c, s, z, scheme.bits).squeeze(-1)
+            codes[:, j] = c.squeeze(-1)
+            err = (w - q) / U[j, j]
+            loss += err.double().square().sum()
+            W1[:, i + 1:] -= err.unsqueeze(1) * U[j, j + 1: i2].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    out = encode(torch.zeros(N, n_groups, G), scales, zp, scheme.bits)  # padding: the code of 0, as RTN
+    out.view(N, -1)[:, perm] = codes
+    diag = {"damp_used": damp, "loss": float(loss), "dead_columns": int(dead.sum())}
+    log.debug("GPTQ %s: %s", where, diag)
+    return pack(out, scales, zp, scheme, (N, K)), diag

@@ -1,0 +1,92 @@
+"""GPTQ / AWQ / mixed precision applied to a whole (tiny) decoder, block by block."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgecompress.compress.quant.awq import AWQConfig
+from edgecompress.compress.quant.formats import QuantScheme
+from edgecompress.compress.quant.gptq import GPTQConfig
+from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
+from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
+from edgecompress.compress.quant.sequential import apply_awq, apply_gptq, stat_source
+from edgecompress.pipeline import run_recipe
+from edgecompress.recipe import parse_recipe
+
+SCHEME = QuantScheme(bits=4, block_size=16)
+
+
+def _kl(ref, model, ids):
+    with torch.no_grad():
+        r = F.log_softmax(ref(input_ids=ids).logits, -1)
+        q = F.log_softmax(model(input_ids=ids).logits, -1)
+    return float((r.exp() * (r - q)).sum(-1).mean())
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 260, (16, 64), generator=g), torch.randint(0, 260, (4, 64), generator=g)
+
+
+def test_stat_source_maps_shared_inputs():
+    assert stat_source("model.layers.3.self_attn.v_proj") == "model.layers.3.self_attn.q_proj"
+    assert stat_source("model.layers.3.mlp.up_proj") == "model.layers.3.mlp.gate_proj"
+    assert stat_source("model.layers.3.mlp.down_proj") == "model.layers.3.mlp.down_proj"
+
+
+def test_gptq_quantizes_every_matrix_and_beats_rtn(tiny_llama, data):
+    calib, held_out = data
+    gptq, rtn = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    records = apply_gptq(gptq, calib, SCHEME, GPTQConfig())
+    apply_rtn(rtn, RTNConfig(bits=4, group_size=16))
+    linears = [m for m in gptq.modules() if type(m) is torch.nn.Linear]
+    assert not linears  # every projection and the head are packed
+    assert isinstance(gptq.model.embed_tokens, QuantEmbedding) and isinstance(gptq.lm_head, QuantLinear)
+    assert gptq.lm_head.packed is gptq.model.embed_tokens.packed  # tied: one tensor
+    assert len(records) == 2 * 7 + 1 and all("gptq" in r for r in records)
+    assert _kl(tiny_llama, gptq, held_out) < _kl(tiny_llama, rtn, held_out)
+
+
+def test_gptq_respects_a_per_layer_plan(tiny_llama, data):
+    calib, _ = data
+    plan = {"model.layers.0.mlp.down_proj": QuantScheme(bits=8, block_size=16)}
+    apply_gptq(tiny_llama, calib, plan.get, GPTQConfig())
+    assert tiny_llama.model.layers[0].mlp.down_proj.packed.bits == 8
+    assert type(tiny_llama.model.layers[1].mlp.down_proj) is torch.nn.Linear  # not in the plan: untouched
+    assert type(tiny_llama.lm_head) is torch.nn.Linear
+
+
+def test_awq_keeps_the_model_float_and_equal_before_clipping(tiny_llama, data):
+    calib, held_out = data
+    model = copy.deepcopy(tiny_llama)
+    records = apply_awq(model, calib, AWQConfig(scheme=SCHEME, clip=False))
+    assert records and all(type(m) is not QuantLinear for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=held_out).logits, tiny_llama(input_ids=held_out).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_pipeline_runs_awq_gptq_and_mixed_precision_steps(tmp_path):
+    recipe = parse_recipe(json.dumps({
+        "name": "tiny-mixed",
+        "model": {"source": "tiny-llama"},
+        "calibration": {"samples": 4, "seq_len": 64},
+        "steps": [
+            {"awq": {"bits": 4, "group_size": 32}},
+            {"mixed_precision": {"budget_bits": 5.0, "method": "gptq", "samples": 2,
+                                 "candidates": [{"bits": 4, "group_size": 32}, {"bits": 8, "group_size": 32}]}},
+        ],
+        "export": [{"format": "onnx", "name": "mixed"}],
+        "check": {"export": "mixed", "seq_len": 64, "windows": 2},
+    }))
+    report = run_recipe(recipe, tmp_path, progress=False)
+    m = json.loads((tmp_path / "tiny-mixed" / "mixed" / "manifest.json").read_text())
+    mixed = next(r["mixed_precision"] for s in m["steps"] for r in s["modules"] if "mixed_precision" in r)
+    assert mixed["bits_per_weight"] <= 5.0
+    assert 4.5 < report["exports"]["mixed"]["bits_per_weight"] <= 5.0 + 1e-6  # the artifact agrees with the plan
+    assert {u["format"] for u in mixed["units"]} == {"int4-b32", "int8-b32"}
+    assert report["check"]["passed"]
