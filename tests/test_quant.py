@@ -134,3 +134,11 @@ def test_quant_linear_matches_dense_dequantized():
     x = torch.randn(3, 72)
     assert torch.allclose(ql(x), x @ p.to_float().T + lin.bias, atol=1e-6)
     assert isinstance(p, BlockQuantizedTensor)
+
+
+def test_targets_matching_nothing_is_a_clear_error(tiny_llama):
+    from edgecompress.errors import EdgeCompressError
+
+    with pytest.raises(EdgeCompressError, match="down_projection") as e:
+        apply_rtn(tiny_llama, RTNConfig(targets=("down_projection",)))
+    assert "down_proj" in str(e.value)  # close matches and module leaf names are listed

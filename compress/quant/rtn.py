@@ -6,11 +6,14 @@ thin transform that selects modules by regex and swaps them for packed modules.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass, field
 
 from torch import nn
+
+from edgecompress.errors import EdgeCompressError
 
 from .formats import QuantScheme, quantize_blockwise
 from .modules import QuantEmbedding, QuantLinear
@@ -51,6 +54,19 @@ def select(name: str, targets: tuple[str, ...], ignore: tuple[str, ...]) -> bool
     return any(re.search(t, name) for t in targets) and not any(re.search(i, name) for i in ignore)
 
 
+def check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
+    """Every ``targets`` regex must match some module name; else a clear error with close matches."""
+    names = [n for n, _ in model.named_modules() if n]
+    for t in targets:
+        if not any(re.search(t, n) for n in names):
+            close = difflib.get_close_matches(t, names, n=3, cutoff=0.4)
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise EdgeCompressError(
+                f"targets pattern {t!r} matches no module of {type(model).__name__}",
+                hint=(f"close matches: {', '.join(close)}; " if close else "")
+                + f"module names end in: {', '.join(leaves[:20])}")
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -67,6 +83,7 @@ def _tied_output(model: nn.Module, emb: nn.Module) -> tuple[str, nn.Linear] | No
 
 def apply_rtn(model: nn.Module, cfg: RTNConfig) -> list[QuantRecord]:
     """Quantize matching ``nn.Linear`` layers (and the embedding, with its tied head) in place."""
+    check_targets(model, cfg.targets)
     scheme = cfg.scheme
     records: list[QuantRecord] = []
     skip: set[str] = set()

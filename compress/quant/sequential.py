@@ -23,7 +23,7 @@ from edgecompress.compress.calibration.store import StatsStore
 from .formats import QuantScheme
 from .gptq import GPTQConfig, gptq_quantize
 from .modules import QuantEmbedding, QuantLinear
-from .rtn import QuantRecord, _set_module, _tied_output, select
+from .rtn import QuantRecord, _set_module, _tied_output, check_targets, select
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def apply_gptq(model: nn.Module, batches: torch.Tensor, scheme: QuantScheme | Sc
     decoder; a tied embedding takes the head's quantized values.
     """
     scheme_for = scheme if callable(scheme) else (lambda name: scheme)
+    check_targets(model, targets)
     blocks = decoder_blocks(model)
     records: list[dict[str, Any]] = []
     requests = [StatRequest(OBSERVED, "hessian")]
