@@ -61,9 +61,8 @@ def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> l
         return apply_gptq(model, ctx.windows, _scheme(step), GPTQConfig(damp=step.damp, act_order=step.act_order),
                           targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
                           progress=ctx.progress)
-    cfg = RTNConfig(bits=step.bits, group_size=step.group_size or 0, symmetric=step.symmetric,
-                    targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
-                    scale_dtype=step.scale_dtype)
+    cfg = RTNConfig.from_scheme(_scheme(step), targets=tuple(step.targets), ignore=tuple(step.ignore),
+                                embeddings=step.embeddings)
     return [asdict(r) for r in apply_rtn(model, cfg)]
 
 
@@ -87,10 +86,8 @@ def _apply_mixed(model: nn.Module, step: MixedPrecisionStep, ctx: StepContext) -
     else:
         records = []
         for name, s in plan.items():
-            exact = "^" + re.escape(name) + "$"
-            records += [asdict(r) for r in apply_rtn(model, RTNConfig(
-                bits=s.bits, group_size=s.block_size, symmetric=s.symmetric, targets=(exact,), embeddings=True,
-                scale_dtype=s.scale_dtype))]
+            cfg = RTNConfig.from_scheme(s, targets=("^" + re.escape(name) + "$",), embeddings=True)
+            records += [asdict(r) for r in apply_rtn(model, cfg)]
     return [{"mixed_precision": report}] + records
 
 

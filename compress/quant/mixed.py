@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -71,9 +72,8 @@ def unit_bits(model: nn.Module, unit: Unit, scheme: QuantScheme) -> int:
 
 
 def _quantize_unit(model: nn.Module, unit: Unit, scheme: QuantScheme) -> None:
-    targets = tuple(f"^{n.replace('.', chr(92) + '.')}$" for n in unit.modules)
-    apply_rtn(model, RTNConfig(bits=scheme.bits, group_size=scheme.block_size, symmetric=scheme.symmetric,
-                               targets=targets, embeddings=True, scale_dtype=scheme.scale_dtype))
+    targets = tuple(f"^{re.escape(n)}$" for n in unit.modules)
+    apply_rtn(model, RTNConfig.from_scheme(scheme, targets=targets, embeddings=True))
 
 
 @torch.no_grad()

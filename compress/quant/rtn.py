@@ -31,6 +31,12 @@ class RTNConfig:
     embeddings: bool = True
     scale_dtype: str = "float16"
 
+    @classmethod
+    def from_scheme(cls, scheme: QuantScheme, **selection) -> RTNConfig:
+        """RTN with ``scheme``'s format; ``selection``: targets / ignore / embeddings."""
+        return cls(bits=scheme.bits, group_size=scheme.block_size, symmetric=scheme.symmetric,
+                   scale_dtype=scheme.scale_dtype, **selection)
+
     @property
     def scheme(self) -> QuantScheme:
         return QuantScheme(bits=self.bits, block_size=self.group_size, symmetric=self.symmetric,
