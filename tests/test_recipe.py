@@ -379,3 +379,15 @@ def test_register_a_new_step_type(restore_step_types):
     assert "valid step types: awq, mixed_precision, prune, quantize (did you mean 'prune'?)" in msg
     with pytest.raises(ValueError):
         register_step_type(type("Other", (StepConfig,), {"step_type": "prune", "__annotations__": {}}))
+
+
+def test_every_shipped_recipe_validates_and_names_a_known_model():
+    from edgecompress.models import list_models
+
+    aliases = {m.alias for m in list_models()}
+    recipes = sorted(RECIPES.glob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        r = load_recipe(path)
+        assert r.model.source in aliases, path
+        assert r.name == path.stem, f"{path.name}: name {r.name!r} should match the file name"
