@@ -48,11 +48,11 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
     if op in ("MatMulNBits", "GatherBlockQuantized"):
         b = get(inits["B"])
         scales = get(inits["scales"]).astype(np.float32).reshape(n, -1)
-        zp = None
-        if "zero_points" in inits:
-            z = get(inits["zero_points"])
-            zp = _unpack_nibbles(z, scales.shape[1]) if op == "MatMulNBits" else z.reshape(n, -1)
         bits = 8 if b.shape[-1] == layer["block_size"] else 4
+        zp = None
+        if "zero_points" in inits:  # MatMulNBits packs 4-bit zero points two per byte
+            z = get(inits["zero_points"])
+            zp = _unpack_nibbles(z, scales.shape[1]) if op == "MatMulNBits" and bits == 4 else z.reshape(n, -1)
         packed = BlockQuantizedTensor(torch.from_numpy(b.reshape(n, scales.shape[1], -1).copy()),
                                       torch.from_numpy(scales), None if zp is None else torch.from_numpy(zp),
                                       bits, layer["block_size"], (n, k))

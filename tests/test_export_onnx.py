@@ -148,3 +148,24 @@ def test_unsupported_architecture_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(NotImplementedError, match="llama-family"):
         build_llama_decoder(model)
+
+
+@pytest.mark.parametrize("quant", [(4, 32, True), (4, 32, False), (8, 16, False), (8, 0, True), (8, 0, False)])
+def test_torch_runtime_decodes_every_format_back_to_the_model_weights(tmp_path, quant):
+    """The torch runtime reads the artifact's packed initializers back into exactly the quantized weights."""
+    from edgecompress.artifact import Artifact, write_manifest
+    from edgecompress.export.onnx_export import export_causal_lm
+    from edgecompress.models import load_model
+    from edgecompress.runtimes.torch_ref import load_torch_model
+
+    lm = load_model("tiny-llama")
+    bits, block, sym = quant
+    apply_rtn(lm.model, RTNConfig(bits=bits, group_size=block, symmetric=sym))
+    body = export_causal_lm(lm.model, tmp_path, accuracy_level=0)
+    lm.save_hf_files(tmp_path)
+    write_manifest(tmp_path, {"task": "causal-lm", **body})
+    decoded = load_torch_model(Artifact.load(tmp_path))
+    expected = {n: m.dense_weight() for n, m in lm.model.named_modules() if hasattr(m, "dense_weight")}
+    got = decoded.state_dict()  # tied head included
+    for name, w in expected.items():
+        torch.testing.assert_close(got[f"{name}.weight"], w, atol=1e-6, rtol=0)
