@@ -171,7 +171,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Choice types: extend a Literal here to add an option (e.g. a new quantization method).
 QuantMethod = _choice("rtn", "gptq")
 Preset = _choice(*PRESETS)
-Bits = _choice(4, 8)
+Bits = _choice(3, 4, 8)
 GroupSize = Annotated[
     _choice(32, 64, 128, None, note=" (null or 0 = per-channel)"),
     BeforeValidator(lambda v: None if (type(v) is int and v == 0) else v),
@@ -261,7 +261,7 @@ class QuantizeStep(StepConfig):
         "rtn", description="Quantization algorithm: rtn (round-to-nearest) or gptq (Hessian-based error "
         "compensation, layer by layer on the calibration data; Frantar et al. 2022)."
     )
-    bits: Bits = Field(4, description="Weight bits: 4 or 8.")
+    bits: Bits = Field(4, description="Weight bits: 3, 4 or 8 (3-bit exports as a custom-domain op with an ONNX function body; symmetric, not for embeddings).")
     group_size: GroupSize = Field(
         None,
         description="Weights per scale: 32, 64 or 128; null or 0 = one scale per output channel. "
@@ -321,7 +321,7 @@ class Candidate(BaseModel):
 
     model_config = _FROZEN
 
-    bits: Bits = Field(description="Weight bits: 4 or 8.")
+    bits: Bits = Field(description="Weight bits: 3, 4 or 8.")
     group_size: GroupSize = Field(64, description="Weights per scale (null = per channel).")
 
 

@@ -5,6 +5,8 @@
   scales, zero points); the block layout is the one the embedding's ``GatherBlockQuantized`` reads,
   so a tied embedding and LM head share one stored tensor
 * int8 per output channel (``QuantLinear``) -> QDQ: ``DequantizeLinear`` (axis 0) + ``MatMul``
+* int3 (``QuantLinear``, symmetric) -> ``edgecompress::MatMulBlockQuantized`` with its ONNX function
+  body (``onnx_custom``), so ONNX Runtime runs it without a kernel of its own
 * embeddings                    -> ``Gather`` / ``com.microsoft::GatherBlockQuantized``
 
 Scales are stored as float16 when that is lossless (the quantizer rounds them so) and cast to float32
@@ -18,13 +20,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, helper
 from torch import nn
 
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
 from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
 
-from .graph import MS_DOMAIN, GraphBuilder
+from . import onnx_custom as custom
+from .graph import FLOAT, MS_DOMAIN, GraphBuilder
 
 
 @dataclass
@@ -136,6 +139,8 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
                               (n, k), p.block_size, dict(names))
         elif p.bits == 8:
             y, fmt = _emit_int8_qdq(g, x, p, base, opts)
+        elif p.bits == 3:
+            y, fmt = _emit_block_quantized_custom(g, x, p, base, opts)
         else:
             raise NotImplementedError(
                 f"{base}: no ONNX form for {p.bits}-bit weights in blocks of {p.block_size}; "
@@ -183,6 +188,24 @@ def _emit_int8_qdq(g: GraphBuilder, x: str, p: BlockQuantizedTensor, base: str,
     return y, fmt
 
 
+def _emit_block_quantized_custom(g: GraphBuilder, x: str, p: BlockQuantizedTensor, base: str,
+                                 opts: EmitOptions) -> tuple[str, LayerFormat]:
+    """3-bit weights as ``edgecompress::MatMulBlockQuantized`` with its function body in the model."""
+    if not p.symmetric:
+        raise NotImplementedError(f"{base}: 3-bit export is symmetric only; set symmetric: true")
+    n, k = p.shape
+    if not any(f.domain == custom.DOMAIN and f.name == custom.MATMUL_BQ for f in g.functions):
+        g.functions.append(custom.matmul_block_quantized_function(g.opset))
+    b = g.initializer(f"{base}.qweight", _np(p.qweight))
+    _, s, sbytes = _scale_tensor(g, base, _np(p.scales), opts)
+    y = g.op(custom.MATMUL_BQ, x, b, s, name=f"{base}/{custom.MATMUL_BQ}", domain=custom.DOMAIN)
+    g.value_info.append(helper.make_tensor_value_info(y, FLOAT, None))
+    nbytes = p.qweight.numel() + sbytes
+    return y, LayerFormat(base, f"int3-b{p.block_size}-sym", f"{custom.DOMAIN}::{custom.MATMUL_BQ}",
+                          8 * nbytes / (n * k), n * k, nbytes, shape=(n, k), block_size=p.block_size,
+                          initializers={"B": b, "scales": s})
+
+
 def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: EmitOptions,
                    cache: WeightCache) -> tuple[str, LayerFormat]:
     """Emit the token embedding lookup ``[B, S] -> [B, S, H]``."""
@@ -190,7 +213,8 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
         p = mod.packed
         v, h = p.shape
         if p.bits not in (4, 8):
-            raise NotImplementedError(f"no ONNX form for {p.bits}-bit embeddings")
+            raise NotImplementedError(f"{base}: no ONNX form for {p.bits}-bit embeddings (GatherBlockQuantized "
+                                      "takes 4 or 8 bits); quantize the embedding separately at 4 or 8 bits")
         qname = g.initializer(f"{base}.qweight", _np(p.qweight))
         _, s2d, sbytes = _scale_tensor(g, base, _np(p.scales), opts)  # [V, n_blocks], shared with a tied head
         s = g.op("Unsqueeze", s2d, g.const("axes2", np.array([2], np.int64)), name=f"{base}/scales_3d")

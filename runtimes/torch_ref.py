@@ -57,6 +57,10 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
                                       torch.from_numpy(scales), None if zp is None else torch.from_numpy(zp),
                                       bits, layer["block_size"], (n, k))
         return packed.to_float()
+    if op == "edgecompress::MatMulBlockQuantized":  # symmetric 3-bit bit planes
+        b = torch.from_numpy(get(inits["B"]).copy())
+        scales = torch.from_numpy(get(inits["scales"]).astype(np.float32).reshape(n, -1))
+        return BlockQuantizedTensor(b, scales, None, 3, layer["block_size"], (n, k)).to_float()
     if op == "DequantizeLinear+MatMul":
         q = get(inits["qweight"]).astype(np.float32)  # [K, N]
         s = get(inits["scales"]).astype(np.float32)

@@ -150,7 +150,7 @@ def test_unsupported_architecture_is_refused():
         build_llama_decoder(model)
 
 
-@pytest.mark.parametrize("quant", [(4, 32, True), (4, 32, False), (8, 16, False), (8, 0, True), (8, 0, False)])
+@pytest.mark.parametrize("quant", [(4, 32, True), (4, 32, False), (8, 16, False), (8, 0, True), (8, 0, False), (3, 16, True)])
 def test_torch_runtime_decodes_every_format_back_to_the_model_weights(tmp_path, quant):
     """The torch runtime reads the artifact's packed initializers back into exactly the quantized weights."""
     from edgecompress.artifact import Artifact, write_manifest
@@ -160,7 +160,7 @@ def test_torch_runtime_decodes_every_format_back_to_the_model_weights(tmp_path, 
 
     lm = load_model("tiny-llama")
     bits, block, sym = quant
-    apply_rtn(lm.model, RTNConfig(bits=bits, group_size=block, symmetric=sym))
+    apply_rtn(lm.model, RTNConfig(bits=bits, group_size=block, symmetric=sym, embeddings=bits != 3))
     body = export_causal_lm(lm.model, tmp_path, accuracy_level=0)
     lm.save_hf_files(tmp_path)
     write_manifest(tmp_path, {"task": "causal-lm", **body})
@@ -169,3 +169,36 @@ def test_torch_runtime_decodes_every_format_back_to_the_model_weights(tmp_path, 
     got = decoded.state_dict()  # tied head included
     for name, w in expected.items():
         torch.testing.assert_close(got[f"{name}.weight"], w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n,k,block", [(40, 72, 8), (96, 576, 128), (17, 576, 64)])
+def test_int3_custom_op_function_body_equals_torch(n, k, block):
+    """3-bit weights: a custom-domain op whose model-local function body ONNX Runtime runs."""
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=False)
+    p = quantize_blockwise(lin.weight, QuantScheme(3, block, True))
+    sess, fmt = _linear_graph(QuantLinear(p), k)
+    assert fmt.onnx_op == "edgecompress::MatMulBlockQuantized"
+    assert fmt.bits == pytest.approx(8 * (p.qweight.numel() + 2 * p.scales.numel()) / (n * k))  # fp16 scales
+    assert p.qweight.shape == (n, p.n_blocks, 3 * block // 8)
+    x = torch.randn(5, k)
+    (y,) = sess.run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(y, (x @ p.to_float().T).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_int3_decoder_and_3bit_embeddings_are_refused(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    apply_rtn(model, RTNConfig(bits=3, group_size=16, embeddings=False))
+    proto, formats = build_llama_decoder(model, opts=EmitOptions(accuracy_level=0))
+    assert any(f.domain == "edgecompress" for f in proto.functions)
+    assert {f.format for f in formats if f.module not in ("model.embed_tokens", "lm_head")} == {"int3-b16-sym"}
+    sess = ort.InferenceSession(proto.SerializeToString(), _options(0), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 260, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+    full, _ = _run(sess, ids.numpy())
+    np.testing.assert_allclose(full[0], ref, atol=2e-4)
+    emb3 = copy.deepcopy(tiny_llama)
+    apply_rtn(emb3, RTNConfig(bits=3, group_size=16))
+    with pytest.raises(NotImplementedError, match="3-bit embeddings"):
+        build_llama_decoder(emb3)

@@ -39,7 +39,7 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("shape", [(7, 72), (33, 576), (5, 100), (3, 1536)])
-@pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (4, 128), (8, 128), (4, 0), (8, 0)])
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (4, 128), (8, 128), (4, 0), (8, 0), (3, 32), (3, 128)])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_rtn_matches_numpy_oracle(shape, bits, block, symmetric):
     torch.manual_seed(1)
@@ -67,7 +67,7 @@ def test_sqnr_floor_on_linear():
         assert sqnr_db(lin.weight.detach(), p.to_float()) > floor, (bits, block)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 def test_pack_unpack_roundtrip(bits):
     q = torch.randint(0, 2**bits, (6, 3 * 64), dtype=torch.uint8)
     packed = pack_codes(q, bits, 64)
@@ -75,6 +75,8 @@ def test_pack_unpack_roundtrip(bits):
     assert torch.equal(unpack_codes(packed, bits, 64), q)
     if bits == 4:  # low nibble holds the even-index value (ONNX Runtime's layout)
         assert int(packed[0, 0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)
+    if bits == 3:  # byte j of plane p holds bit p of codes 8j..8j+7, lowest index in the lowest bit
+        assert int(packed[0, 0, 8]) == sum(((int(q[0, i]) >> 1) & 1) << i for i in range(8))
 
 
 def test_bits_per_weight_counts_scales_and_zero_points():
@@ -100,6 +102,8 @@ def test_cat_rows_fuses_and_refuses_mixed_schemes():
 def test_scheme_rejects_unsupported_bits():
     with pytest.raises(ValueError, match="bits"):
         QuantScheme(bits=5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        quantize_blockwise(torch.randn(4, 36), QuantScheme(bits=3, block_size=0))
 
 
 def test_apply_rtn_quantizes_embedding_and_tied_head_together(tiny_llama):

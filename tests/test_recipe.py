@@ -193,7 +193,7 @@ def test_unknown_key_names_line_path_valid_keys_and_suggestion():
 
 def test_bad_choice_names_line_and_choices():
     msg = errors_of(MINIMAL.replace("quantize: {}", "quantize:\n      bits: 5"))
-    assert "x.yaml line 6: steps[0].quantize.bits: 5 is not one of 4, 8" in msg
+    assert "x.yaml line 6: steps[0].quantize.bits: 5 is not one of 3, 4, 8" in msg
     msg = errors_of(MINIMAL.replace("quantize: {}", "quantize: {group_size: 48, scale_dtype: bf16}"))
     assert "line 5: steps[0].quantize.group_size: 48 is not one of 32, 64, 128, null" in msg
     assert "line 5: steps[0].quantize.scale_dtype: 'bf16' is not one of 'float16', 'float32'" in msg
@@ -298,7 +298,7 @@ def test_multiple_errors_in_one_recipe_error_sorted_by_line():
         "x.yaml line 5: calibration.samples: expected an integer, got 'many'",
         "x.yaml line 8: steps[0].quantize.bitz: unknown key; valid keys: act_order, bits, damp, embeddings, group_size, ignore, "
         "method, preset, scale_dtype, symmetric, targets (did you mean 'bits'?)",
-        "x.yaml line 9: steps[0].quantize.bits: 5 is not one of 4, 8",
+        "x.yaml line 9: steps[0].quantize.bits: 5 is not one of 3, 4, 8",
         "x.yaml line 10: steps[1].prune: unknown step type; valid step types: awq, mixed_precision, quantize",
         "x.yaml line 12: export[0].format: 'tflite' is not one of 'onnx'",
         "x.yaml line 14: bench.threads: must be >= 1, got 0",

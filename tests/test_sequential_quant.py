@@ -90,3 +90,18 @@ def test_pipeline_runs_awq_gptq_and_mixed_precision_steps(tmp_path):
     assert 4.5 < report["exports"]["mixed"]["bits_per_weight"] <= 5.0 + 1e-6  # the artifact agrees with the plan
     assert {u["format"] for u in mixed["units"]} == {"int4-b32", "int8-b32"}
     assert report["check"]["passed"]
+
+
+def test_gptq_3bit_beats_rtn_3bit_on_a_correlated_layer():
+    from edgecompress.compress.quant.formats import quantize_blockwise
+    from edgecompress.compress.quant.gptq import gptq_quantize, layer_error
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 8, generator=g) @ torch.randn(8, 128, generator=g) + 0.1 * torch.randn(2048, 128, generator=g)
+    H = X.T @ X / X.shape[0]
+    W = torch.randn(48, 128, generator=g)
+    scheme = QuantScheme(bits=3, block_size=32)
+    packed, _ = gptq_quantize(W, H, scheme, GPTQConfig(act_order=True))
+    rtn = quantize_blockwise(W, scheme)
+    assert packed.qweight.shape == rtn.qweight.shape
+    assert layer_error(W, packed.to_float(), H) < 0.8 * layer_error(W, rtn.to_float(), H)

@@ -31,8 +31,8 @@ class QuantScheme:
     scale_dtype: str = "float16"  # scales are rounded to this storage dtype before coding
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.bits not in (3, 4, 8):
+            raise ValueError(f"bits must be 3, 4 or 8, got {self.bits}")
         if self.block_size < 0:
             raise ValueError(f"block_size must be >= 0, got {self.block_size}")
 
@@ -110,13 +110,25 @@ class BlockQuantizedTensor:
 
 
 def pack_codes(q: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
-    """Pack unsigned codes ``[N, n_blocks * block_size]`` into uint8 ``[N, n_blocks, bytes]``."""
+    """Pack unsigned codes ``[N, n_blocks * block_size]`` into uint8 ``[N, n_blocks, bytes]``.
+
+    8 bits: one code per byte. 4 bits: two per byte, the lower-index code in the low nibble.
+    3 bits: three bit planes per block (plane ``p`` holds bit ``p`` of every code, eight codes
+    per byte, lower index in the lower bit), so a block of ``b`` codes takes ``3 * b / 8`` bytes.
+    """
     n, total = q.shape
     q = q.to(torch.uint8)
     if bits == 8:
         packed = q
     elif bits == 4:
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    elif bits == 3:
+        if block_size % 8:
+            raise ValueError(f"3-bit blocks need a multiple of 8 codes, got {block_size}")
+        octets = q.view(n, total // block_size, 1, block_size // 8, 8)
+        weights = (1 << torch.arange(8, dtype=torch.int32))
+        planes = torch.stack([((octets.squeeze(2) >> p) & 1).to(torch.int32) for p in range(3)], 2)
+        packed = (planes * weights).sum(-1).to(torch.uint8)  # [N, n_blocks, 3, block/8]
     else:
         raise NotImplementedError(f"byte packing for {bits}-bit codes")
     return packed.reshape(n, total // block_size, -1).contiguous()
@@ -133,6 +145,11 @@ def unpack_codes(packed: torch.Tensor, bits: int, block_size: int) -> torch.Tens
         out[:, 0::2] = flat & 0x0F
         out[:, 1::2] = flat >> 4
         return out
+    if bits == 3:
+        planes = packed.reshape(n, packed.shape[1], 3, block_size // 8, 1)
+        bitvals = (planes >> torch.arange(8, dtype=torch.uint8)) & 1  # [N, n_blocks, 3, block/8, 8]
+        codes = (bitvals * torch.tensor([1, 2, 4], dtype=torch.uint8).view(1, 1, 3, 1, 1)).sum(2)
+        return codes.to(torch.uint8).reshape(n, -1)
     raise NotImplementedError(f"byte unpacking for {bits}-bit codes")
 
 
@@ -204,6 +221,8 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | 
     n, n_blocks, block = codes.shape
     if scheme.bits == 4 and block % 2:
         raise ValueError("4-bit blocks need an even block size")
+    if scheme.bits == 3 and block % 8:
+        raise ValueError("3-bit blocks need a multiple of 8 weights")
     return BlockQuantizedTensor(
         qweight=pack_codes(codes.to(torch.uint8).view(n, n_blocks * block), scheme.bits, block),
         scales=scales.contiguous(),
