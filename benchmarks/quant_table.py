@@ -25,12 +25,20 @@ BASE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-gptq-w4.y
 
 
 def variants(bits: int, group: int) -> dict[str, list[dict]]:
+    """The compared step lists. 3-bit has no embedding kernel: there the embedding and the tied head
+    it shares are RTN int8 (group 64) in every variant, and the variants differ in the decoder only."""
     fmt = {"bits": bits, "group_size": group, "symmetric": True}
+    first: list[dict] = []
+    emb = bits != 3
+    if not emb:
+        first = [{"quantize": {"method": "rtn", "bits": 8, "group_size": 64, "targets": ["embed_tokens"],
+                               "embeddings": True}}]
     return {
-        "rtn": [{"quantize": {"method": "rtn", **fmt, "embeddings": True}}],
-        "awq+rtn": [{"awq": fmt}, {"quantize": {"method": "rtn", **fmt, "embeddings": True}}],
-        "gptq": [{"quantize": {"method": "gptq", **fmt, "act_order": True, "embeddings": True}}],
-        "awq+gptq": [{"awq": fmt}, {"quantize": {"method": "gptq", **fmt, "act_order": True, "embeddings": True}}],
+        "rtn": first + [{"quantize": {"method": "rtn", **fmt, "embeddings": emb}}],
+        "awq+rtn": [{"awq": fmt}] + first + [{"quantize": {"method": "rtn", **fmt, "embeddings": emb}}],
+        "gptq": first + [{"quantize": {"method": "gptq", **fmt, "act_order": True, "embeddings": emb}}],
+        "awq+gptq": [{"awq": fmt}] + first + [{"quantize": {"method": "gptq", **fmt, "act_order": True,
+                                                             "embeddings": emb}}],
     }
 
 
@@ -52,7 +60,7 @@ def main() -> None:
     for name, steps in variants(args.bits, args.group_size).items():
         if args.only and name not in args.only:
             continue
-        spec = {**base, "name": name.replace("+", "-"), "steps": steps}
+        spec = {**base, "name": f"{name.replace('+', '-')}-w{args.bits}g{args.group_size}", "steps": steps}
         t0 = time.perf_counter()
         report = run_recipe(parse_recipe(json.dumps(spec)), args.out, force=True, progress=False)
         rows[name] = {"check": report["check"], "export": report["exports"]["int4"],
@@ -65,7 +73,8 @@ def main() -> None:
         for n, r in rows.items():
             speeds[n].append(bench_in_subprocess(Path(r["path"]), "ort-cpu", prompt_tokens=512, new_tokens=128,
                                                  threads=2, repeats=1)["decode_tok_s"])
-    print(f"\nSmolLM2-135M, int{args.bits} group {args.group_size} symmetric, embedding/tied head included; "
+    print(f"\nSmolLM2-135M, int{args.bits} group {args.group_size} symmetric "
+          f"({'embedding/tied head included' if args.bits != 3 else 'embedding/tied head RTN int8'}); "
           f"held-out pydoc:eval, {next(iter(rows.values()))['check']['tokens']} tokens; decode: ORT CPU, 2 threads, "
           f"median of {args.rounds} interleaved rounds\n")
     print("| method | bits/weight | size MB | perplexity ratio | KL | top-1 agreement | decode tok/s | time s |")
