@@ -47,19 +47,19 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
     op = layer["onnx_op"]
     if op in ("MatMulNBits", "GatherBlockQuantized"):
         b = get(inits["B"])
-        scales = get(inits["scales"]).astype(np.float32).reshape(n, -1)
+        scales = np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1)  # a writable copy
         bits = 8 if b.shape[-1] == layer["block_size"] else 4
         zp = None
         if "zero_points" in inits:  # MatMulNBits packs 4-bit zero points two per byte
             z = get(inits["zero_points"])
-            zp = _unpack_nibbles(z, scales.shape[1]) if op == "MatMulNBits" and bits == 4 else z.reshape(n, -1)
+            zp = _unpack_nibbles(z, scales.shape[1]) if op == "MatMulNBits" and bits == 4 else z.reshape(n, -1).copy()
         packed = BlockQuantizedTensor(torch.from_numpy(b.reshape(n, scales.shape[1], -1).copy()),
                                       torch.from_numpy(scales), None if zp is None else torch.from_numpy(zp),
                                       bits, layer["block_size"], (n, k))
         return packed.to_float()
     if op == "edgecompress::MatMulBlockQuantized":  # symmetric 3-bit bit planes
         b = torch.from_numpy(get(inits["B"]).copy())
-        scales = torch.from_numpy(get(inits["scales"]).astype(np.float32).reshape(n, -1))
+        scales = torch.from_numpy(np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1))
         return BlockQuantizedTensor(b, scales, None, 3, layer["block_size"], (n, k)).to_float()
     if op == "DequantizeLinear+MatMul":
         q = get(inits["qweight"]).astype(np.float32)  # [K, N]
