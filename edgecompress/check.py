@@ -76,9 +76,9 @@ class CheckResult:
     def to_dict(self) -> dict:
         return {**self.metrics, "thresholds": self.thresholds, "passed": self.passed, "failures": self.failures}
 
-    def raise_if_failed(self) -> None:
+    def raise_if_failed(self, where: str = "") -> None:
         if self.failures:
-            raise CheckFailed("accuracy check failed: " + "; ".join(self.failures),
+            raise CheckFailed("accuracy check failed: " + "; ".join(self.failures) + where,
                               hint="loosen the recipe's check.thresholds or choose a gentler compression")
 
 

@@ -30,7 +30,7 @@ from .artifact import Artifact, atomic_folder, write_manifest
 from .bench import bench_in_subprocess
 from .check import apply_thresholds, check_causal_lm
 from .data import fingerprint_tokens, load_text, token_windows
-from .errors import ArtifactError, CheckFailed, EdgeCompressError
+from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
 from .recipe import AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, recipe_to_dict
@@ -209,9 +209,8 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
         report["timings"] = {k: round(v, 2) for k, v in timings.items()}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     report["out"] = str(dest)
-    if check_result is not None and not check_result.passed:
-        raise CheckFailed("accuracy check failed: " + "; ".join(check_result.failures) + f" (report: {dest}/report.json)",
-                          hint="loosen the recipe's check.thresholds or choose a gentler compression")
+    if check_result is not None:
+        check_result.raise_if_failed(f" (report: {dest}/report.json)")
     return report
 
 
