@@ -49,6 +49,7 @@ class StepContext:
     windows: torch.Tensor
     store: StatsStore
     progress: bool
+    batch_size: int = 1
 
 
 def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
@@ -60,7 +61,7 @@ def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> l
     if step.method == "gptq":
         return apply_gptq(model, ctx.windows, _scheme(step), GPTQConfig(damp=step.damp, act_order=step.act_order),
                           targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
-                          progress=ctx.progress)
+                          progress=ctx.progress, batch_size=ctx.batch_size)
     cfg = RTNConfig.from_scheme(_scheme(step), targets=tuple(step.targets), ignore=tuple(step.ignore),
                                 embeddings=step.embeddings)
     return [asdict(r) for r in apply_rtn(model, cfg)]
@@ -70,7 +71,7 @@ def _apply_awq(model: nn.Module, step: AWQStep, ctx: StepContext) -> list[dict]:
     from edgecompress.compress.quant.awq import AWQConfig
 
     cfg = AWQConfig(scheme=_scheme(step), grid=step.grid, clip=step.clip, max_shrink=step.max_shrink)
-    return apply_awq(model, ctx.windows, cfg, progress=ctx.progress)
+    return apply_awq(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
 
 
 def _apply_mixed(model: nn.Module, step: MixedPrecisionStep, ctx: StepContext) -> list[dict]:
@@ -82,7 +83,7 @@ def _apply_mixed(model: nn.Module, step: MixedPrecisionStep, ctx: StepContext) -
                                         embeddings=step.embeddings, progress=ctx.progress)
     if step.method == "gptq":
         records = apply_gptq(model, ctx.windows, plan.get, GPTQConfig(damp=step.damp, act_order=step.act_order),
-                             embeddings=step.embeddings, progress=ctx.progress)
+                             embeddings=step.embeddings, progress=ctx.progress, batch_size=ctx.batch_size)
     else:
         records = []
         for name, s in plan.items():
@@ -99,7 +100,7 @@ STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = 
 
 
 def calibration_store(model: nn.Module, windows: torch.Tensor, requests, *, progress: bool,
-                      cache_dir: Path | None = None) -> tuple[StatsStore, bool]:
+                      cache_dir: Path | None = None, batch_size: int = 1) -> tuple[StatsStore, bool]:
     """Gather ``requests`` over ``windows``, reusing a stored pass with the same model and data."""
     mfp, dfp = model_fingerprint(model), fingerprint_tokens(windows)
     folder = cache_root(cache_dir) / "stats" / f"{mfp[:16]}-{dfp[:16]}"
@@ -107,7 +108,8 @@ def calibration_store(model: nn.Module, windows: torch.Tensor, requests, *, prog
     if store is not None and all(r.to_dict() in store.requests for r in requests):
         log.info("reusing calibration statistics from %s", folder)
         return store, True
-    store = calibrate(model, windows, list(requests), store=StatsStore(mfp, dfp), progress=progress)
+    store = calibrate(model, windows, list(requests), store=StatsStore(mfp, dfp), progress=progress,
+                      batch_size=batch_size)
     store.save(folder)
     return store, False
 
@@ -167,7 +169,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     windows = token_windows(tok, load_text(cal.data), cal.seq_len, cal.samples, seed=cal.seed)
     console.log(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens of {cal.data}")
     store, reused = calibration_store(model, windows[:SUMMARY_WINDOWS], SUMMARY_REQUESTS, progress=progress,
-                                      cache_dir=cache_dir)
+                                      cache_dir=cache_dir, batch_size=cal.batch_size)
     summary = calibration_summary(store, windows, cal.data, reused)
     timings["calibrate_s"] = time.perf_counter() - t
 
@@ -175,7 +177,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     steps: list[dict[str, Any]] = []
     for i, step in enumerate(recipe.steps):
         console.log(f"step {i}: {step.step_type}")
-        records = STEP_APPLIERS[step.step_type](model, step, StepContext(windows, store, progress))
+        records = STEP_APPLIERS[step.step_type](model, step, StepContext(windows, store, progress, cal.batch_size))
         steps.append({"step": step.step_type, "config": step.model_dump(mode="json"), "modules": records})
     timings["steps_s"] = time.perf_counter() - t
 

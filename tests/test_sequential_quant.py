@@ -105,3 +105,30 @@ def test_gptq_3bit_beats_rtn_3bit_on_a_correlated_layer():
     rtn = quantize_blockwise(W, scheme)
     assert packed.qweight.shape == rtn.qweight.shape
     assert layer_error(W, packed.to_float(), H) < 0.8 * layer_error(W, rtn.to_float(), H)
+
+
+def test_calibration_batch_size_reaches_the_steps(tmp_path, monkeypatch):
+    """calibration.batch_size batches the sequential passes; the result agrees with batch size 1
+    (GPTQ's rounding decisions shift with the Hessians' float summation order, hence rel=2%)."""
+    import edgecompress.compress.quant.sequential as seq
+
+    seen = []
+    real = seq.sequential_calibrate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("batch_size"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seq, "sequential_calibrate", spy)
+    results = []
+    for bs in (1, 2):
+        recipe = parse_recipe(json.dumps({
+            "name": f"tiny-bs{bs}", "model": {"source": "tiny-llama"},
+            "calibration": {"samples": 4, "seq_len": 64, "batch_size": bs},
+            "steps": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}],
+            "export": [{"format": "onnx", "name": "q"}],
+            "check": {"export": "q", "seq_len": 64, "windows": 2, "runtime": "torch"},
+        }))
+        results.append(run_recipe(recipe, tmp_path, progress=False)["check"])
+    assert seen == [1, 2]
+    assert results[0]["perplexity"] == pytest.approx(results[1]["perplexity"], rel=0.02)

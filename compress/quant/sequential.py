@@ -61,7 +61,7 @@ def _block_prefix(model: nn.Module, block: nn.Module) -> str:
 
 def apply_gptq(model: nn.Module, batches: torch.Tensor, scheme: QuantScheme | SchemeFor, cfg: GPTQConfig, *,
                targets: tuple[str, ...] = (".*",), ignore: tuple[str, ...] = (), embeddings: bool = True,
-               progress: bool = False) -> list[dict[str, Any]]:
+               progress: bool = False, batch_size: int = 1) -> list[dict[str, Any]]:
     """GPTQ every matching ``nn.Linear`` of the decoder blocks, sequentially; then the (tied) LM head.
 
     ``scheme`` is one scheme for every layer, or a function of the module name giving each
@@ -90,18 +90,18 @@ def apply_gptq(model: nn.Module, batches: torch.Tensor, scheme: QuantScheme | Sc
                                                  sch.symmetric, packed.shape)), "gptq": diag})
         _drop(store, prefix)  # this block's Hessians are spent
 
-    sequential_calibrate(model, batches, blocks, requests, on_block, progress=progress)
+    sequential_calibrate(model, batches, blocks, requests, on_block, progress=progress, batch_size=batch_size)
     if n_tokens < 4 * max(blocks[0].mlp.down_proj.in_features, 1):
         log.warning("GPTQ on %d calibration tokens: Hessians of %d inputs are poorly conditioned; "
                     "damping keeps them solvable, more samples give better results", n_tokens,
                     blocks[0].mlp.down_proj.in_features)
-    records += _gptq_head(model, batches, scheme_for, cfg, targets, ignore, embeddings, progress)
+    records += _gptq_head(model, batches, scheme_for, cfg, targets, ignore, embeddings, progress, batch_size)
     return records
 
 
 def _gptq_head(model: nn.Module, batches: torch.Tensor, scheme_for: SchemeFor, cfg: GPTQConfig,
                targets: tuple[str, ...], ignore: tuple[str, ...], embeddings: bool,
-               progress: bool) -> list[dict[str, Any]]:
+               progress: bool, batch_size: int) -> list[dict[str, Any]]:
     get_in = getattr(model, "get_input_embeddings", None)
     emb = get_in() if get_in else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -114,7 +114,8 @@ def _gptq_head(model: nn.Module, batches: torch.Tensor, scheme_for: SchemeFor, c
     scheme = scheme_for(emb_name if tied else head_name) if wanted else None
     if scheme is None:
         return []
-    store = calibrate(model, batches, [StatRequest(f"^{re.escape(head_name)}$", "hessian")], progress=progress)
+    store = calibrate(model, batches, [StatRequest(f"^{re.escape(head_name)}$", "hessian")], progress=progress,
+                      batch_size=batch_size)
     packed, diag = gptq_quantize(head.weight.data, store.get(head_name, "hessian")["hessian"], scheme, cfg)
     _set_module(model, head_name, QuantLinear(packed, head.bias))
     rec = QuantRecord(head_name, "block_int", scheme.bits, packed.block_size, scheme.symmetric, packed.shape)
@@ -125,7 +126,8 @@ def _gptq_head(model: nn.Module, batches: torch.Tensor, scheme_for: SchemeFor, c
     return [{**asdict(rec), "gptq": diag}]
 
 
-def apply_awq(model: nn.Module, batches: torch.Tensor, cfg: Any, *, progress: bool = False) -> list[dict[str, Any]]:
+def apply_awq(model: nn.Module, batches: torch.Tensor, cfg: Any, *, progress: bool = False,
+              batch_size: int = 1) -> list[dict[str, Any]]:
     """AWQ: search and fold per-channel scales (and clip ranges) block by block; weights stay fp32."""
     from .awq import awq_block_
 
@@ -142,6 +144,6 @@ def apply_awq(model: nn.Module, batches: torch.Tensor, cfg: Any, *, progress: bo
         records.extend(awq_block_(block, stats, prefix, cfg))
         _drop(store, prefix)
 
-    sequential_calibrate(model, batches, blocks, requests, on_block, progress=progress)
+    sequential_calibrate(model, batches, blocks, requests, on_block, progress=progress, batch_size=batch_size)
     return records
 
