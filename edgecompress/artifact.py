@@ -106,6 +106,13 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return full
 
 
+def update_manifest(folder: Path, manifest: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """Rewrite ``manifest.json`` with ``fields`` added; the files (and their hashes) are unchanged."""
+    full = {**manifest, **fields}
+    (folder / MANIFEST).write_text(json.dumps(full, indent=2, default=str))
+    return full
+
+
 @dataclass
 class Artifact:
     """A verified artifact folder."""

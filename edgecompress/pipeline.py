@@ -26,7 +26,7 @@ from edgecompress.compress.quant.gptq import GPTQConfig
 from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
 from edgecompress.compress.quant.sequential import apply_awq, apply_gptq
 
-from .artifact import Artifact, atomic_folder, write_manifest
+from .artifact import Artifact, atomic_folder, update_manifest, write_manifest
 from .bench import bench_in_subprocess
 from .check import apply_thresholds, check_causal_lm
 from .data import fingerprint_tokens, load_text, token_windows
@@ -226,9 +226,8 @@ def _run_check(recipe: Recipe, tmp: Path, reference: nn.Module, tok, progress: b
     rt = open_runtime(spec.runtime, art)
     metrics = check_causal_lm(rt.logits, reference, windows, progress=progress)
     result = apply_thresholds(metrics, spec.thresholds.model_dump())
-    art.manifest["reference_metrics"] = {"runtime": spec.runtime, "data": spec.data, **result.to_dict()}
-    write_manifest(art.path, {k: v for k, v in art.manifest.items()
-                              if k not in ("files", "size_bytes", "manifest_version", "created", "environment")})
+    update_manifest(art.path, art.manifest,
+                    reference_metrics={"runtime": spec.runtime, "data": spec.data, **result.to_dict()})
     return result
 
 

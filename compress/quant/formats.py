@@ -73,10 +73,8 @@ class BlockQuantizedTensor:
         """Pure-torch dequantization to float32 ``[N, K]``: the reference for every kernel."""
         n, k = self.shape
         q = self.unpacked().view(n, self.n_blocks, self.block_size).to(torch.float32)
-        zp = self.zero_points.to(torch.float32) if self.zero_points is not None else torch.full(
-            (n, self.n_blocks), float(self.default_zero_point)
-        )
-        w = (q - zp.unsqueeze(-1)) * self.scales.to(torch.float32).unsqueeze(-1)
+        zp = None if self.zero_points is None else self.zero_points.to(torch.float32)
+        w = decode(q, self.scales.to(torch.float32), zp, self.bits)
         return w.reshape(n, -1)[:, :k].contiguous()
 
     def storage_bits(self, scale_bits: int = 16) -> int:
