@@ -1,4 +1,5 @@
-"""Speed and size of an artifact on a runtime: prefill and decode tok/s, peak RSS, size, bits/weight.
+"""Speed and size of an artifact on a runtime: prefill and decode tok/s (sentences/s for encoders),
+peak RSS, size, bits/weight.
 
 Timings are medians over ``repeats`` greedy generations of ``new_tokens`` after a
 ``prompt_tokens`` prompt of held-out text (EOS ignored, so every run decodes the same count),
@@ -13,6 +14,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,8 @@ def bench_artifact(artifact: Artifact, runtime: str = "ort-cpu", *, prompt_token
     from edgecompress.runtimes import open_runtime
 
     rt = open_runtime(runtime, artifact, threads=threads)
+    if artifact.task == "sentence-encoder":
+        return _bench_encoder(artifact, rt, runtime, threads=threads, repeats=repeats, data=data)
     prompt = prompt_ids(artifact, prompt_tokens, data)
     rt.generate(prompt[: min(32, prompt_tokens)], 4)  # warm-up: allocations, kernel selection
     runs = [rt.generate(prompt, new_tokens) for _ in range(repeats)]
@@ -70,6 +74,28 @@ def bench_artifact(artifact: Artifact, runtime: str = "ort-cpu", *, prompt_token
         "size_mb": artifact.size_bytes / 1e6,
         "bits_per_weight": weights.get("bits_per_weight"),
     }
+
+
+def _bench_encoder(artifact: Artifact, rt: Any, runtime: str, *, threads: int | None, repeats: int, data: str,
+                   sentences: int = 64, max_len: int = 128) -> dict[str, Any]:
+    """Sentences/s embedding ``sentences`` held-out sentences one at a time (as an app would)."""
+    from .data import sentence_batches
+
+    batches = sentence_batches(artifact.tokenizer(), data, sentences, max_len=max_len)
+    b0 = batches[0]
+    rt.embed(b0["input_ids"].numpy(), b0["attention_mask"].numpy())  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for b in batches:
+            rt.embed(b["input_ids"].numpy(), b["attention_mask"].numpy())
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {"artifact": str(artifact.path), "runtime": runtime, "threads": threads, "repeats": repeats,
+            "sentences": len(batches), "sentences_s": len(batches) / sec, "tokens_s": tokens / sec,
+            "peak_rss_mb": peak_rss_mb(), "size_mb": artifact.size_bytes / 1e6,
+            "bits_per_weight": artifact.manifest.get("weights", {}).get("bits_per_weight")}
 
 
 def bench_in_subprocess(path: Path, runtime: str, *, prompt_tokens: int, new_tokens: int,

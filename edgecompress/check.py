@@ -1,21 +1,26 @@
 """Accuracy checks of an artifact on a runtime against the uncompressed reference model.
 
 Causal LMs: perplexity, KL(reference || artifact) per token, and top-1 agreement, over
-fixed-length windows of held-out text (disjoint from calibration text).
+fixed-length windows of held-out text (disjoint from calibration text). Sentence encoders:
+cosine of each held-out sentence's embedding to the reference's (mean and worst), and how
+often each sentence's nearest neighbour among the others is the same for both models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .errors import CheckFailed
+from .errors import CheckFailed, EdgeCompressError
 from .progress import track
 
-THRESHOLD_DIRECTIONS = {"perplexity_ratio": "max", "kl": "max", "top1_agreement": "min"}
+THRESHOLD_DIRECTIONS = {"perplexity_ratio": "max", "kl": "max", "top1_agreement": "min",
+                        "cosine_mean": "min", "cosine_worst": "min", "neighbor_agreement": "min"}
+TASK_METRICS = {"causal-lm": ("perplexity_ratio", "kl", "top1_agreement"),
+                "sentence-encoder": ("cosine_mean", "cosine_worst", "neighbor_agreement")}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -84,6 +89,10 @@ class CheckResult:
 
 def apply_thresholds(metrics: dict[str, float], thresholds: dict[str, float | None]) -> CheckResult:
     active = {k: v for k, v in thresholds.items() if v is not None}
+    unknown = [k for k in active if k not in metrics]
+    if unknown:
+        raise EdgeCompressError(f"threshold(s) {', '.join(unknown)} do not apply to this model's check",
+                                hint=f"this check measures {', '.join(k for k in metrics if k in THRESHOLD_DIRECTIONS)}")
     failures = []
     for key, bound in active.items():
         value = metrics[key]
@@ -104,3 +113,46 @@ def check_causal_lm(logits_fn: Callable[[np.ndarray], np.ndarray], reference: to
             ref = reference(input_ids=row[None], use_cache=False).logits[0].float().numpy()
         m.update(ref, logits_fn(ids), ids)
     return m.result()
+
+
+def encoder_metrics(ref: np.ndarray, emb: np.ndarray) -> dict[str, float]:
+    """Agreement of embeddings ``emb [N, H]`` with the reference ``ref [N, H]`` (same sentences)."""
+    if ref.shape != emb.shape:
+        raise ValueError(f"embedding shapes differ: {ref.shape} vs {emb.shape}")
+    r = ref / np.linalg.norm(ref, axis=1, keepdims=True).clip(1e-12)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+    cos = (r * e).sum(1)
+    out = {"cosine_mean": float(cos.mean()), "cosine_worst": float(cos.min()), "sentences": len(cos)}
+    if len(cos) > 2:
+        sr, se = r @ r.T, e @ e.T
+        np.fill_diagonal(sr, -np.inf)
+        np.fill_diagonal(se, -np.inf)
+        out["neighbor_agreement"] = float((sr.argmax(1) == se.argmax(1)).mean())
+    return out
+
+
+def check_sentence_encoder(embed_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], reference: torch.nn.Module,
+                           batches: list[dict[str, torch.Tensor]], *, progress: bool = False) -> dict[str, float]:
+    """Compare ``embed_fn(input_ids, attention_mask)`` (the artifact) with the reference encoder."""
+    refs, embs = [], []
+    for b in track(batches, len(batches), "checking", progress):
+        with torch.no_grad():
+            refs.append(reference(b["input_ids"], b["attention_mask"]).float().numpy())
+        embs.append(embed_fn(b["input_ids"].numpy(), b["attention_mask"].numpy()))
+    return encoder_metrics(np.concatenate(refs), np.concatenate(embs))
+
+
+def evaluate(rt: Any, task: str, reference: torch.nn.Module, tokenizer: Any, data: str, *, seq_len: int,
+             windows: int, progress: bool = False) -> dict[str, float]:
+    """The task's metrics of runtime ``rt`` against ``reference`` on held-out ``data``: ``windows``
+    windows of ``seq_len`` tokens (causal LMs) or ``windows`` sentences of at most ``seq_len``
+    tokens, in batches of 16 (sentence encoders)."""
+    from .data import load_text, sentence_batches, token_windows
+
+    if task == "sentence-encoder":
+        batches = sentence_batches(tokenizer, data, windows, max_len=seq_len, batch_size=16)
+        return check_sentence_encoder(rt.embed, reference, batches, progress=progress)
+    if task == "causal-lm":
+        rows = token_windows(tokenizer, load_text(data), seq_len, windows, seed=0)
+        return check_causal_lm(rt.logits, reference, rows, progress=progress)
+    raise EdgeCompressError(f"no accuracy check for {task} models yet", hint="checks cover causal-lm and sentence-encoder")

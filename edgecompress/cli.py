@@ -120,8 +120,7 @@ def _parse_thresholds(items: list[str]) -> dict[str, float]:
 
 def cmd_check(args) -> int:
     from .artifact import Artifact
-    from .check import apply_thresholds, check_causal_lm
-    from .data import load_text, token_windows
+    from .check import apply_thresholds, evaluate
     from .models import load_model
     from edgecompress.runtimes import open_runtime
 
@@ -131,13 +130,12 @@ def cmd_check(args) -> int:
     n = args.windows or recipe_check.get("windows", 8)
     thresholds = dict(recipe_check.get("thresholds") or {})
     thresholds.update(_parse_thresholds(args.threshold))
-    tok = art.tokenizer()
-    windows = token_windows(tok, load_text(args.data), seq_len, n, seed=0)
     ref_spec = args.reference or art.manifest["model"]["spec"]
     console.log(f"reference: {ref_spec}")
     reference = load_model(ref_spec, allow_code=False).model
     rt = open_runtime(args.runtime, art, threads=args.threads)
-    metrics = check_causal_lm(rt.logits, reference, windows, progress=enabled_by_default())
+    metrics = evaluate(rt, art.task, reference, art.tokenizer(), args.data, seq_len=seq_len, windows=n,
+                       progress=enabled_by_default())
     result = apply_thresholds(metrics, thresholds)
     out = {"artifact": str(art.path), "runtime": args.runtime, "data": args.data, "seq_len": seq_len,
            **result.to_dict()}

@@ -246,3 +246,22 @@ def fingerprint_tokens(t: torch.Tensor) -> str:
     h = hashlib.sha256(repr(tuple(ids.shape)).encode())
     h.update(ids.numpy().tobytes())
     return h.hexdigest()
+
+
+def sentence_batches(tokenizer: Any, source: str, n: int, *, max_len: int = 128, batch_size: int = 1,
+                     seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` sentences of ``source`` (seeded choice, source order kept) tokenized with the encoder's
+    special tokens, truncated to ``max_len`` and padded per batch: ``[{input_ids, attention_mask}]``."""
+    if n < 1:
+        raise DataError(f"number of sentences must be at least 1, got {n}", hint="set samples/windows to a positive number")
+    sentences = load_sentences(source)
+    if n < len(sentences):
+        g = torch.Generator().manual_seed(seed)
+        pick = sorted(torch.randperm(len(sentences), generator=g)[:n].tolist())
+        sentences = [sentences[i] for i in pick]
+    out = []
+    for i in range(0, len(sentences), batch_size):
+        enc = tokenizer(sentences[i: i + batch_size], padding=True, truncation=True, max_length=max_len,
+                        return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out

@@ -23,17 +23,18 @@ from edgecompress.compress.calibration.driver import StatRequest, calibrate
 from edgecompress.compress.calibration.store import StatsStore, model_fingerprint
 from edgecompress.compress.quant.formats import QuantScheme
 from edgecompress.compress.quant.gptq import GPTQConfig
+from edgecompress.compress.quant.modules import QuantLinear
 from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
 from edgecompress.compress.quant.sequential import apply_awq, apply_gptq
 
 from .artifact import Artifact, atomic_folder, update_manifest, write_manifest
 from .bench import bench_in_subprocess
-from .check import apply_thresholds, check_causal_lm
-from .data import fingerprint_tokens, load_text, token_windows
+from .check import apply_thresholds, evaluate
+from .data import fingerprint_tokens, load_text, sentence_batches, token_windows
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, recipe_to_dict
+from .recipe import AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep, recipe_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,39 @@ def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
 
 
 def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> list[dict]:
+    before = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if step.method == "gptq":
-        return apply_gptq(model, ctx.windows, _scheme(step), GPTQConfig(damp=step.damp, act_order=step.act_order),
-                          targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
-                          progress=ctx.progress, batch_size=ctx.batch_size)
-    cfg = RTNConfig.from_scheme(_scheme(step), targets=tuple(step.targets), ignore=tuple(step.ignore),
-                                embeddings=step.embeddings)
-    return [asdict(r) for r in apply_rtn(model, cfg)]
+        records = apply_gptq(model, ctx.windows, _scheme(step), GPTQConfig(damp=step.damp, act_order=step.act_order),
+                             targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
+                             progress=ctx.progress, batch_size=ctx.batch_size)
+    else:
+        cfg = RTNConfig.from_scheme(_scheme(step), targets=tuple(step.targets), ignore=tuple(step.ignore),
+                                    embeddings=step.embeddings)
+        records = [asdict(r) for r in apply_rtn(model, cfg)]
+    a = step.activations
+    if a is not None:
+        from edgecompress.compress.quant.w8a8 import calibrate_activations
+
+        names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in before]
+        console.log(f"calibrating static {a.observer} activation ranges of {len(names)} linears")
+        records += calibrate_activations(model, _first(ctx.windows, a.samples), names, method=a.observer,
+                                         bits=a.bits, per_channel=a.granularity == "channel",
+                                         percentile=a.percentile, progress=ctx.progress, batch_size=ctx.batch_size)
+    return records
+
+
+def _first(windows: Any, n: int | None) -> Any:
+    return windows if n is None else windows[:n]
+
+
+def _apply_smoothquant(model: nn.Module, step: SmoothQuantStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.quant.smoothquant import fold_sites, smoothquant_
+
+    first = sorted({names[0] for _, _, names in fold_sites(model)})
+    pattern = "^(?:" + "|".join(re.escape(n) for n in first) + ")$"
+    store = calibrate(model, _first(ctx.windows, step.samples), [StatRequest(pattern, "minmax")],
+                      progress=ctx.progress, batch_size=ctx.batch_size)
+    return smoothquant_(model, lambda name: store.get(name, "minmax")["absmax"], step.alpha)
 
 
 def _apply_awq(model: nn.Module, step: AWQStep, ctx: StepContext) -> list[dict]:
@@ -96,13 +123,14 @@ STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = 
     "quantize": _apply_quantize,
     "awq": _apply_awq,
     "mixed_precision": _apply_mixed,
+    "smoothquant": _apply_smoothquant,
 }
 
 
 def calibration_store(model: nn.Module, windows: torch.Tensor, requests, *, progress: bool,
                       cache_dir: Path | None = None, batch_size: int = 1) -> tuple[StatsStore, bool]:
     """Gather ``requests`` over ``windows``, reusing a stored pass with the same model and data."""
-    mfp, dfp = model_fingerprint(model), fingerprint_tokens(windows)
+    mfp, dfp = model_fingerprint(model), _fingerprint(windows)
     folder = cache_root(cache_dir) / "stats" / f"{mfp[:16]}-{dfp[:16]}"
     store = StatsStore.load(folder, model_fingerprint=mfp, data_fingerprint=dfp)
     if store is not None and all(r.to_dict() in store.requests for r in requests):
@@ -114,14 +142,30 @@ def calibration_store(model: nn.Module, windows: torch.Tensor, requests, *, prog
     return store, False
 
 
-def calibration_summary(store: StatsStore, windows: torch.Tensor, source: str, reused: bool) -> dict[str, Any]:
+def _fingerprint(windows: torch.Tensor | list[dict[str, torch.Tensor]]) -> str:
+    if isinstance(windows, torch.Tensor):
+        return fingerprint_tokens(windows)
+    return fingerprint_tokens(torch.cat([b["input_ids"].flatten() for b in windows]))
+
+
+def calibration_windows(task: str, tok: Any, cal: Any) -> torch.Tensor | list[dict[str, torch.Tensor]]:
+    """Causal LMs: ``[samples, seq_len]`` token windows; encoders: one sentence per batch (no padding)."""
+    if task == "sentence-encoder":
+        return sentence_batches(tok, cal.data, cal.samples, max_len=cal.seq_len, seed=cal.seed)
+    return token_windows(tok, load_text(cal.data), cal.seq_len, cal.samples, seed=cal.seed)
+
+
+def calibration_summary(store: StatsStore, windows: torch.Tensor | list, source: str, reused: bool) -> dict[str, Any]:
     layers = {}
     for name in sorted(store.modules("minmax")):
         s = store.get(name, "minmax")
         layers[name] = {"input_absmax": round(float(s["absmax"].max()), 4),
                         "input_channel_absmax_median": round(float(s["absmax"].median()), 4)}
-    return {"data": source, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-            "tokens": int(windows.numel()), "summary_windows": min(SUMMARY_WINDOWS, int(windows.shape[0])),
+    if isinstance(windows, torch.Tensor):
+        shape = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "tokens": int(windows.numel())}
+    else:
+        shape = {"sentences": len(windows), "tokens": sum(int(b["attention_mask"].sum()) for b in windows)}
+    return {"data": source, **shape, "summary_windows": min(SUMMARY_WINDOWS, len(windows)),
             "data_fingerprint": store.data_fingerprint,
             "model_fingerprint": store.model_fingerprint, "reused": reused, "layers": layers}
 
@@ -129,16 +173,18 @@ def calibration_summary(store: StatsStore, windows: torch.Tensor, source: str, r
 def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: ExportSpec,
                   manifest: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
     """Write one artifact folder (model files, HF files, manifest) into ``dest``."""
-    from edgecompress.export.onnx_export import export_causal_lm
+    from edgecompress.export.onnx_export import export_causal_lm, export_sentence_encoder
 
-    if loaded.task != "causal-lm":
+    exporters = {"causal-lm": export_causal_lm, "sentence-encoder": export_sentence_encoder}
+    if loaded.task not in exporters:
         raise EdgeCompressError(f"ONNX export of {loaded.task} models is not implemented yet",
-                                hint="this release exports causal LMs (e.g. smollm2-135m, tiny-llama)")
+                                hint="this release exports causal LMs (smollm2-135m, tiny-llama) and sentence "
+                                "encoders (minilm-l6, tiny-bert)")
     dest.mkdir(parents=True)
-    n_layers = len(getattr(getattr(model, "model", model), "layers", ()))
+    n_layers = model.config.num_hidden_layers
     with ticker(n_layers, f"exporting {spec.name}", progress) as advance:
-        body = export_causal_lm(model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv,
-                                progress=advance)
+        body = exporters[loaded.task](model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv,
+                                      progress=advance)
     loaded.save_hf_files(dest)
     return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
 
@@ -166,8 +212,9 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
 
     t = time.perf_counter()
     cal = recipe.calibration
-    windows = token_windows(tok, load_text(cal.data), cal.seq_len, cal.samples, seed=cal.seed)
-    console.log(f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens of {cal.data}")
+    windows = calibration_windows(loaded.task, tok, cal)
+    console.log(f"calibrating on {len(windows)} {'sentences' if loaded.task == 'sentence-encoder' else 'windows'} "
+                f"of at most {cal.seq_len} tokens of {cal.data}")
     store, reused = calibration_store(model, windows[:SUMMARY_WINDOWS], SUMMARY_REQUESTS, progress=progress,
                                       cache_dir=cache_dir, batch_size=cal.batch_size)
     summary = calibration_summary(store, windows, cal.data, reused)
@@ -222,9 +269,9 @@ def _run_check(recipe: Recipe, tmp: Path, reference: nn.Module, tok, progress: b
     spec = recipe.check
     art = Artifact.load(tmp / spec.export)
     console.log(f"checking [bold]{spec.export}[/] on {spec.runtime} against the uncompressed model ({spec.data})")
-    windows = token_windows(tok, load_text(spec.data), spec.seq_len, spec.windows, seed=0)
     rt = open_runtime(spec.runtime, art)
-    metrics = check_causal_lm(rt.logits, reference, windows, progress=progress)
+    metrics = evaluate(rt, art.task, reference, tok, spec.data, seq_len=spec.seq_len, windows=spec.windows,
+                       progress=progress)
     result = apply_thresholds(metrics, spec.thresholds.model_dump())
     update_manifest(art.path, art.manifest,
                     reference_metrics={"runtime": spec.runtime, "data": spec.data, **result.to_dict()})
@@ -243,5 +290,5 @@ def _run_bench(recipe: Recipe, tmp: Path) -> dict[str, Any]:
         ref = results[refs[0]]
         for name, r in results.items():
             r["vs_" + refs[0]] = {k: (r[k] / ref[k] if ref.get(k) else None)
-                                  for k in ("prefill_tok_s", "decode_tok_s", "size_mb", "peak_rss_mb")}
+                                  for k in ("prefill_tok_s", "decode_tok_s", "sentences_s", "size_mb", "peak_rss_mb")}
     return results

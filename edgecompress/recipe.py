@@ -165,11 +165,16 @@ DataSource = Annotated[StrictStr, AfterValidator(_check_data)]
 # Quantization presets (weight bits / activation bits), expanded into explicit quantize settings.
 PRESETS: dict[str, dict[str, Any]] = {
     "w4a16": {"bits": 4, "group_size": 128, "symmetric": True},
+    "w3a16": {"bits": 3, "group_size": 128, "symmetric": True},
     "w8a16": {"bits": 8, "group_size": None, "symmetric": True},
+    "w8a8": {"bits": 8, "group_size": None, "symmetric": True,
+             "activations": {"bits": 8, "observer": "minmax", "granularity": "tensor"}},
 }
 
 # Choice types: extend a Literal here to add an option (e.g. a new quantization method).
 QuantMethod = _choice("rtn", "gptq")
+ActObserver = _choice("minmax", "percentile", "mse", "entropy")
+Granularity = _choice("tensor", "channel")
 Preset = _choice(*PRESETS)
 Bits = _choice(3, 4, 8)
 GroupSize = Annotated[
@@ -248,6 +253,32 @@ class StepConfig(BaseModel):
     step_type: ClassVar[str] = ""
 
 
+class ActivationSpec(BaseModel):
+    """Static activation quantization (W8A8): each quantized linear's input gets a calibrated
+    uint8 scale and zero point, exported as QuantizeLinear/DequantizeLinear."""
+
+    model_config = _FROZEN
+
+    bits: _choice(8) = Field(8, description="Activation bits: 8 (uint8, asymmetric).")
+    observer: ActObserver = Field(
+        "minmax", description="How the range is chosen from calibration statistics: minmax (observed min/max), "
+        "percentile (clip at `percentile`), mse (clipping that minimises the squared quantization error), "
+        "entropy (clipping that minimises KL between the histogram and its quantized form).")
+    percentile: StrictFloat = Field(99.99, gt=50, le=100, description="percentile observer: the kept percentile.")
+    granularity: Granularity = Field(
+        "tensor", description="tensor: one scale per input tensor (integer matmul in ONNX Runtime); channel: one "
+        "per input channel (minmax only; runs as float QDQ, for accuracy studies).")
+    samples: StrictInt | None = Field(None, ge=1, description="Calibration sequences used (default: all).")
+
+    @model_validator(mode="after")
+    def _channel_needs_minmax(self) -> ActivationSpec:
+        if self.granularity == "channel" and self.observer != "minmax":
+            raise _located_error(("granularity",), self.granularity, "channel_minmax",
+                                 "granularity 'channel' uses the minmax observer, not {obs}; "
+                                 "use granularity: tensor with this observer", {"obs": _show(self.observer)})
+        return self
+
+
 class QuantizeStep(StepConfig):
     """Weight-only quantization of the Linear layers (and optionally the token embedding)."""
 
@@ -288,6 +319,18 @@ class QuantizeStep(StepConfig):
         False, description="gptq: quantize input columns in order of decreasing activation energy "
         "(static groups keep the block layout)."
     )
+    activations: ActivationSpec | None = Field(
+        None, description="Static activation quantization (W8A8; needs bits: 8, group_size: null); "
+        "null = weight-only.")
+
+    @model_validator(mode="after")
+    def _w8a8_needs_int8_channels(self) -> QuantizeStep:
+        if self.activations is not None and (self.bits != 8 or self.group_size is not None):
+            raise _located_error(("activations",), "activations", "w8a8_format",
+                                 "static activation quantization needs int8 per-channel weights (bits: 8, "
+                                 "group_size: null), got bits {bits}, group_size {gs}",
+                                 {"bits": self.bits, "gs": _show(self.group_size)})
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -314,6 +357,18 @@ class AWQStep(StepConfig):
     grid: StrictInt = Field(20, ge=2, le=100, description="Points of the scale-exponent grid search in [0, 1].")
     clip: StrictBool = Field(True, description="Also search per-block clipping ranges (and clamp the weights).")
     max_shrink: StrictFloat = Field(0.5, gt=0, lt=1, description="Largest fraction a clip search may cut a range by.")
+
+
+class SmoothQuantStep(StepConfig):
+    """SmoothQuant: per-channel scales s = max|X|^alpha / max|W|^(1-alpha) move activation outliers into
+    the weights, folded exactly into the preceding norm/linear; put it before a W8A8 quantize step
+    (Xiao et al. 2023)."""
+
+    step_type: ClassVar[str] = "smoothquant"
+
+    alpha: StrictFloat = Field(0.5, ge=0, le=1, description="Migration strength: 0 = no change, 1 = all of "
+                               "the activation range moved into the weights.")
+    samples: StrictInt | None = Field(None, ge=1, description="Calibration sequences used (default: all).")
 
 
 class Candidate(BaseModel):
@@ -350,6 +405,7 @@ STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
     AWQStep.step_type: AWQStep,
     MixedPrecisionStep.step_type: MixedPrecisionStep,
+    SmoothQuantStep.step_type: SmoothQuantStep,
 }
 
 

@@ -44,6 +44,23 @@ def export_causal_lm(model: nn.Module, dest: Path, *, accuracy_level: int = 4, f
     opts = EmitOptions(accuracy_level=accuracy_level)
     proto, formats = build_llama_decoder(model, opts=opts, fuse=fuse, max_positions=max_positions,
                                          progress=progress)
+    body = _save(proto, formats, dest, accuracy_level)
+    body["onnx"]["kv_cache"] = {"layout": "[batch, kv_heads, seq, head_dim]", "dtype": "float32",
+                                "past": "past_key_values.{i}.key|value", "present": "present.{i}.key|value"}
+    return body
+
+
+def export_sentence_encoder(model: nn.Module, dest: Path, *, accuracy_level: int = 4, fuse: bool = True,
+                            progress=None) -> dict[str, Any]:
+    """Write a BERT sentence encoder (with pooling) as ``dest/model.onnx`` + external data."""
+    from .onnx_encoder import build_bert_encoder
+
+    proto, formats = build_bert_encoder(model, opts=EmitOptions(accuracy_level=accuracy_level), fuse=fuse,
+                                        progress=progress)
+    return _save(proto, formats, dest, accuracy_level)
+
+
+def _save(proto: onnx.ModelProto, formats: list[LayerFormat], dest: Path, accuracy_level: int) -> dict[str, Any]:
     onnx.save(proto, str(dest / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=DATA_FILE, size_threshold=1024)
     ops: dict[str, int] = {}
@@ -61,8 +78,6 @@ def export_causal_lm(model: nn.Module, dest: Path, *, accuracy_level: int = 4, f
                                     if accuracy_level == 4 else "activations stay float in MatMulNBits"),
             "op_counts": dict(sorted(ops.items())),
             "inputs": [i.name for i in proto.graph.input if not i.name.startswith("past_key_values.")],
-            "kv_cache": {"layout": "[batch, kv_heads, seq, head_dim]", "dtype": "float32",
-                         "past": "past_key_values.{i}.key|value", "present": "present.{i}.key|value"},
         },
         "layers": [asdict(f) for f in formats],
         "weights": weight_summary(formats),

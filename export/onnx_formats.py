@@ -4,7 +4,8 @@
 * int4/int8 in blocks of 16..256 (``QuantLinear``) -> ``com.microsoft::MatMulNBits`` (packed uint8 B,
   scales, zero points); the block layout is the one the embedding's ``GatherBlockQuantized`` reads,
   so a tied embedding and LM head share one stored tensor
-* int8 per output channel (``QuantLinear``) -> QDQ: ``DequantizeLinear`` (axis 0) + ``MatMul``
+* int8 per output channel (``QuantLinear``) -> QDQ: ``DequantizeLinear`` (axis 0) + ``MatMul``;
+  with static input quantization (W8A8) the input gets a ``QuantizeLinear``/``DequantizeLinear`` pair
 * int3 (``QuantLinear``, symmetric) -> ``edgecompress::MatMulBlockQuantized`` with its ONNX function
   body (``onnx_custom``), so ONNX Runtime runs it without a kernel of its own
 * embeddings                    -> ``Gather`` / ``com.microsoft::GatherBlockQuantized``
@@ -23,6 +24,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from edgecompress.compress.quant.activation import ActQuant
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
 from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
 
@@ -118,6 +120,11 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
     if isinstance(mod, QuantLinear):
         p = mod.packed
         n, k = p.shape
+        if mod.act is not None:
+            if not p.bits == 8 or p.n_blocks != 1:
+                raise NotImplementedError(f"{base}: static activation quantization exports with int8 "
+                                          "per-channel weights (W8A8); use bits: 8, group_size: null")
+            x = _emit_act_qdq(g, x, mod.act, base)
         if matmulnbits_ok(p):
             names = cache.get(p)
             owner = cache.owner.get(id(p), base)
@@ -158,6 +165,45 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
         fmt.initializers["bias"] = g.initializer(f"{base}.bias", _np(bias).astype(np.float32))
         y = g.op("Add", y, fmt.initializers["bias"], name=f"{base}/bias")
     return y, fmt
+
+
+def _emit_act_qdq(g: GraphBuilder, x: str, act: ActQuant, base: str) -> str:
+    """Static input quantization: ``QuantizeLinear`` -> ``DequantizeLinear`` (uint8, per tensor
+    or per channel along the last axis), the pattern ONNX Runtime fuses into an integer matmul."""
+    if act.bits != 8:
+        raise NotImplementedError(f"{base}: {act.bits}-bit activations have no ONNX form here (uint8 only)")
+    s = g.initializer(f"{base}.input_scale", _np(act.scale).astype(np.float32))
+    zp = g.initializer(f"{base}.input_zero_point", _np(act.zero_point).astype(np.uint8))
+    axis = {"axis": -1} if act.per_channel else {}
+    q = g.op("QuantizeLinear", x, s, zp, name=f"{base}/input_QuantizeLinear", **axis)
+    return g.op("DequantizeLinear", q, s, zp, name=f"{base}/input_DequantizeLinear", **axis)
+
+
+def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
+    """One projection computing the concatenated outputs of ``mods`` sharing one input (None when
+    their formats, or their input quantization, differ)."""
+    biases = [m.bias for m in mods]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, mods)])
+    if all(type(m) is nn.Linear for m in mods):
+        fused = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=bias is not None)
+        fused.weight.data = torch.cat([m.weight.data for m in mods])
+        if bias is not None:
+            fused.bias.data = bias
+        return fused
+    if all(isinstance(m, QuantLinear) for m in mods):
+        acts = [m.act for m in mods]
+        if any((a is None) != (acts[0] is None) for a in acts):
+            return None
+        if acts[0] is not None and not all(
+                torch.equal(a.scale, acts[0].scale) and torch.equal(a.zero_point, acts[0].zero_point)
+                and a.bits == acts[0].bits for a in acts):
+            return None
+        try:
+            return QuantLinear(mods[0].packed.cat_rows(*[m.packed for m in mods[1:]]), bias, acts[0])
+        except ValueError:
+            return None
+    return None
 
 
 def _emit_int8_qdq(g: GraphBuilder, x: str, p: BlockQuantizedTensor, base: str,

@@ -26,10 +26,10 @@ import onnx
 import torch
 from torch import nn
 
-from edgecompress.compress.quant.modules import QuantLinear
 
 from .graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
-from .onnx_formats import EmitOptions, LayerFormat, WeightCache, emit_embedding, emit_linear, emit_tied_head
+from .onnx_formats import (EmitOptions, LayerFormat, WeightCache, emit_embedding, emit_linear, emit_tied_head,
+                           fuse_linears)
 
 
 @dataclass(frozen=True)
@@ -73,20 +73,6 @@ def rope_cache(g: GraphBuilder, d: LlamaDims, max_positions: int) -> tuple[str, 
     pos = g.op("Unsqueeze", pos, g.const("rope_axes", np.array([1], np.int64)), name="rope/column")
     freqs = g.op("Mul", pos, g.initializer("rope.inv_freq", inv_freq[None, :]), name="rope/freqs")
     return g.op("Cos", freqs, name="rope/cos_cache"), g.op("Sin", freqs, name="rope/sin_cache")
-
-
-def _fuse(mods: list[nn.Module]) -> nn.Module | None:
-    """One projection computing the concatenated outputs of ``mods`` (None if formats differ)."""
-    if all(type(m) is nn.Linear for m in mods) and all(m.bias is None for m in mods):
-        fused = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=False)
-        fused.weight.data = torch.cat([m.weight.data for m in mods])
-        return fused
-    if all(isinstance(m, QuantLinear) and m.bias is None for m in mods):
-        try:
-            return QuantLinear(mods[0].packed.cat_rows(*[m.packed for m in mods[1:]]))
-        except ValueError:
-            return None
-    return None
 
 
 def build_llama_decoder(model: nn.Module, *, opts: EmitOptions | None = None, fuse: bool = True,
@@ -135,7 +121,7 @@ def build_llama_decoder(model: nn.Module, *, opts: EmitOptions | None = None, fu
         attn, mlp = layer.self_attn, layer.mlp
         x, residual = _add_norm(g, pending, residual, layer.input_layernorm.weight, f"{pre}.input_layernorm", eps)
         q_in = [attn.q_proj, attn.k_proj, attn.v_proj]
-        fused = _fuse(q_in) if fuse else None
+        fused = fuse_linears(q_in) if fuse else None
         if fused is not None:
             qkv, fmt = emit_linear(g, x, fused, f"{pre}.self_attn.qkv_proj", opts, cache)
             fmt.parts = [(f"{pre}.self_attn.{n}", m.out_features) for n, m in zip(("q_proj", "k_proj", "v_proj"), q_in)]
@@ -158,7 +144,7 @@ def build_llama_decoder(model: nn.Module, *, opts: EmitOptions | None = None, fu
         formats.append(fmt)
         x, residual = _add_norm(g, o, residual, layer.post_attention_layernorm.weight,
                                 f"{pre}.post_attention_layernorm", eps)
-        fused = _fuse([mlp.gate_proj, mlp.up_proj]) if fuse else None
+        fused = fuse_linears([mlp.gate_proj, mlp.up_proj]) if fuse else None
         if fused is not None:
             gu, fmt = emit_linear(g, x, fused, f"{pre}.mlp.gate_up_proj", opts, cache)
             fmt.parts = [(f"{pre}.mlp.gate_proj", d.intermediate), (f"{pre}.mlp.up_proj", d.intermediate)]

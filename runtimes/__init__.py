@@ -5,24 +5,29 @@ from __future__ import annotations
 from edgecompress.artifact import Artifact
 from edgecompress.errors import EdgeCompressError
 
-from .base import Generation, Runtime
+from .base import EncoderRuntime, Generation, Runtime
 
+# runtime name -> {artifact task: "module:class"}
 RUNTIMES = {
-    "ort-cpu": "edgecompress.runtimes.ort_cpu:OrtCpuRuntime",
-    "torch": "edgecompress.runtimes.torch_ref:TorchRuntime",
+    "ort-cpu": {"causal-lm": "edgecompress.runtimes.ort_cpu:OrtCpuRuntime",
+                "sentence-encoder": "edgecompress.runtimes.ort_cpu:OrtCpuEncoder"},
+    "torch": {"causal-lm": "edgecompress.runtimes.torch_ref:TorchRuntime"},
 }
 
 
-def open_runtime(name: str, artifact: Artifact, *, threads: int | None = None) -> Runtime:
+def open_runtime(name: str, artifact: Artifact, *, threads: int | None = None) -> Runtime | EncoderRuntime:
     """Instantiate runtime ``name`` on ``artifact`` (imports only the backend asked for)."""
     import importlib
 
     if name not in RUNTIMES:
         raise EdgeCompressError(f"unknown runtime {name!r}", hint=f"choose one of: {', '.join(RUNTIMES)}")
-    if artifact.task != "causal-lm":
-        raise EdgeCompressError(f"runtime {name} runs causal-LM artifacts; this one is {artifact.task!r}")
-    module, cls = RUNTIMES[name].split(":")
+    by_task = RUNTIMES[name]
+    if artifact.task not in by_task:
+        able = [n for n, tasks in RUNTIMES.items() if artifact.task in tasks]
+        raise EdgeCompressError(f"runtime {name} does not run {artifact.task} artifacts ({', '.join(by_task)} only)",
+                                hint=f"use runtime {' or '.join(able)}" if able else "")
+    module, cls = by_task[artifact.task].split(":")
     return getattr(importlib.import_module(module), cls)(artifact, threads=threads)
 
 
-__all__ = ["RUNTIMES", "Generation", "Runtime", "open_runtime"]
+__all__ = ["RUNTIMES", "EncoderRuntime", "Generation", "Runtime", "open_runtime"]

@@ -1,4 +1,5 @@
-"""One small interface that every runtime implements (ORT CPU, torch reference; TVM, QNN, CUDA later)."""
+"""The interfaces runtimes implement, one per artifact task: :class:`Runtime` (causal LMs: logits and
+generation) and :class:`EncoderRuntime` (sentence encoders: embeddings)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ class Runtime(ABC):
     def generate(self, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id: int | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
         """Greedy decoding; stops at ``eos_token_id`` unless it is None."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class EncoderRuntime(ABC):
+    """Runs a sentence-encoder artifact: pooled, normalised embeddings for a padded batch."""
+
+    name: ClassVar[str]
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None):
+        self.artifact = artifact
+        self.threads = threads
+
+    @abstractmethod
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Sentence embeddings ``[B, H]`` (float32) for token ids and mask ``[B, S]``."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

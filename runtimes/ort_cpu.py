@@ -16,9 +16,41 @@ import onnxruntime as ort
 from edgecompress.artifact import Artifact
 from edgecompress.errors import ArtifactError
 
-from .base import Generation, Runtime, Timer
+from .base import EncoderRuntime, Generation, Runtime, Timer
 
 log = logging.getLogger(__name__)
+
+
+def open_session(artifact: Artifact, threads: int | None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session on ``artifact`` with full graph optimisation."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # the optional `logits_to_keep` input is an overridable initializer
+    # ORT rewrites int8 DequantizeLinear+MatMul into MatMulNBits; keep the artifact's numerics
+    level = artifact.manifest.get("onnx", {}).get("accuracy_level", 4)
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(artifact.onnx_path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
+        raise ArtifactError(f"ONNX Runtime cannot load {artifact.onnx_path}: {e}",
+                            hint="re-export the artifact; check the onnxruntime version in its manifest") from None
+
+
+class OrtCpuEncoder(EncoderRuntime):
+    """A sentence-encoder artifact on ONNX Runtime CPU."""
+
+    name = "ort-cpu"
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None):
+        super().__init__(artifact, threads=threads)
+        self.session = open_session(artifact, threads)
+
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64)}
+        return self.session.run(["sentence_embedding"], feeds)[0]
 
 
 class OrtCpuRuntime(Runtime):
@@ -26,20 +58,7 @@ class OrtCpuRuntime(Runtime):
 
     def __init__(self, artifact: Artifact, *, threads: int | None = None):
         super().__init__(artifact, threads=threads)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3  # the optional `logits_to_keep` input is an overridable initializer
-        # ORT rewrites int8 DequantizeLinear+MatMul into MatMulNBits; keep the artifact's numerics
-        level = artifact.manifest.get("onnx", {}).get("accuracy_level", 4)
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(artifact.onnx_path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
-            raise ArtifactError(f"ONNX Runtime cannot load {artifact.onnx_path}: {e}",
-                                hint="re-export the artifact; check the onnxruntime version in its manifest") from None
+        self.session = open_session(artifact, threads)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         kv = [i for i in self.inputs if i.startswith("past_key_values.")]
         self.n_layers = len(kv) // 2

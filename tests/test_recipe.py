@@ -187,7 +187,7 @@ def test_unknown_key_names_line_path_valid_keys_and_suggestion():
         export:
           - format: onnx
     """, "recipes/x.yaml")
-    assert "recipes/x.yaml line 6: steps[0].quantize.bitz: unknown key; valid keys: act_order, bits, damp, embeddings, group_size, " in msg
+    assert "recipes/x.yaml line 6: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, embeddings, group_size, " in msg
     assert "did you mean 'bits'?" in msg
 
 
@@ -227,7 +227,11 @@ def test_bad_regex_names_the_regex():
 
 def test_unknown_step_type_lists_valid_types():
     msg = errors_of(MINIMAL.replace("quantize: {}", "quantise: {}"))
-    assert "line 5: steps[0].quantise: unknown step type; valid step types: awq, mixed_precision, quantize (did you mean 'quantize'?)" in msg
+    from edgecompress.recipe import STEP_TYPES
+
+    valid = ", ".join(sorted(STEP_TYPES))
+    assert "quantize" in STEP_TYPES and "awq" in STEP_TYPES
+    assert f"line 5: steps[0].quantise: unknown step type; valid step types: {valid} (did you mean 'quantize'?)" in msg
 
 
 def test_malformed_step_items():
@@ -287,7 +291,7 @@ def test_multiple_errors_in_one_recipe_error_sorted_by_line():
           - quantize:
               bitz: 4
               bits: 5
-          - prune: {}
+          - shrink: {}
         export:
           - format: tflite
         bench:
@@ -296,10 +300,10 @@ def test_multiple_errors_in_one_recipe_error_sorted_by_line():
     lines = problem_lines(msg)
     assert lines == [
         "x.yaml line 5: calibration.samples: expected an integer, got 'many'",
-        "x.yaml line 8: steps[0].quantize.bitz: unknown key; valid keys: act_order, bits, damp, embeddings, group_size, ignore, "
-        "method, preset, scale_dtype, symmetric, targets (did you mean 'bits'?)",
+        "x.yaml line 8: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, embeddings, "
+        "group_size, ignore, method, preset, scale_dtype, symmetric, targets (did you mean 'bits'?)",
         "x.yaml line 9: steps[0].quantize.bits: 5 is not one of 3, 4, 8",
-        "x.yaml line 10: steps[1].prune: unknown step type; valid step types: awq, mixed_precision, quantize",
+        f"x.yaml line 10: steps[1].shrink: unknown step type; valid step types: {', '.join(sorted(STEP_TYPES))}",
         "x.yaml line 12: export[0].format: 'tflite' is not one of 'onnx'",
         "x.yaml line 14: bench.threads: must be >= 1, got 0",
     ]
@@ -365,20 +369,21 @@ def restore_step_types():
 
 
 def test_register_a_new_step_type(restore_step_types):
-    class PruneStep(StepConfig):
-        """Magnitude pruning (test-only)."""
+    class ThinStep(StepConfig):
+        """Thinning (test-only)."""
 
-        step_type: ClassVar[str] = "prune"
+        step_type: ClassVar[str] = "thin_out"
         sparsity: float = 0.5
 
-    register_step_type(PruneStep)
-    r = parse_recipe(MINIMAL.replace("- quantize: {}", "- prune: {sparsity: 0.25}\n  - quantize: {}"))
-    assert isinstance(r.steps[0], PruneStep) and r.steps[0].sparsity == 0.25
+    register_step_type(ThinStep)
+    r = parse_recipe(MINIMAL.replace("- quantize: {}", "- thin_out: {sparsity: 0.25}\n  - quantize: {}"))
+    assert isinstance(r.steps[0], ThinStep) and r.steps[0].sparsity == 0.25
     assert parse_recipe(json.dumps(recipe_to_dict(r))) == r
-    msg = errors_of(MINIMAL.replace("quantize: {}", "prun: {}"))
-    assert "valid step types: awq, mixed_precision, prune, quantize (did you mean 'prune'?)" in msg
+    msg = errors_of(MINIMAL.replace("quantize: {}", "thin_ou: {}"))
+    assert f"valid step types: {', '.join(sorted(STEP_TYPES))} (did you mean 'thin_out'?)" in msg
+    assert "thin_out" in STEP_TYPES
     with pytest.raises(ValueError):
-        register_step_type(type("Other", (StepConfig,), {"step_type": "prune", "__annotations__": {}}))
+        register_step_type(type("Other", (StepConfig,), {"step_type": "thin_out", "__annotations__": {}}))
 
 
 def test_every_shipped_recipe_validates_and_names_a_known_model():

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -151,6 +152,11 @@ def observe(
             h.remove()
 
 
+def _accepts(model: nn.Module, arg: str) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return arg in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def default_forward(model: nn.Module, batch: Batch) -> Any:
     """``model(input_ids=batch)`` (``model(**batch)`` for a dict), with ``use_cache=False`` for HF models."""
     device = next(iter(model.parameters())).device
@@ -158,7 +164,7 @@ def default_forward(model: nn.Module, batch: Batch) -> Any:
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     else:
         inputs = {"input_ids": batch.to(device)}
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None and _accepts(model, "use_cache"):
         inputs.setdefault("use_cache", False)
     return model(**inputs)
 

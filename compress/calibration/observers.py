@@ -331,8 +331,76 @@ class HistogramObserver(Observer):
         return obs
 
 
+class SignedHistogramObserver(HistogramObserver):
+    """Per-tensor histogram of x, kept as two |x| histograms sharing one range: ``hist`` for
+    x >= 0 and ``neg`` for x < 0 (growth and re-binning as :class:`HistogramObserver`).
+
+    :meth:`signed` gives the whole distribution over ``[-upper, upper]``, which the
+    activation-range searches (percentile, MSE, entropy) of asymmetric quantizers read.
+    """
+
+    name = "histogram_signed"
+
+    def __init__(self, bins: int = 2048) -> None:
+        super().__init__(bins)
+        self.neg = np.zeros(bins, dtype=np.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = _tokens(x)
+        v = rows.flatten()
+        v = v[torch.isfinite(v)]
+        if v.numel():
+            top = float(v.abs().max())
+            if top > self.upper:
+                self._grow(top)
+            if self.upper > 0:
+                idx = (v.abs() * (self.bins / self.upper)).long().clamp_(0, self.bins - 1)
+                idx = torch.where(v < 0, idx + self.bins, idx)  # one bincount: [x >= 0 | x < 0]
+                both = torch.bincount(idx, minlength=2 * self.bins).double().numpy()
+                self.hist += both[: self.bins]
+                self.neg += both[self.bins:]
+            else:
+                self.hist[0] += v.numel()
+        self.count += rows.shape[0]
+
+    def _grow(self, top: float) -> None:
+        old = self.upper
+        super()._grow(top)  # re-bins self.hist
+        if old > 0 and self.upper != old:
+            self.neg = rebin(self.neg, old, self.upper)
+
+    def signed(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(counts [2*bins], edges [2*bins + 1])`` over ``[-upper, upper]``, ascending."""
+        counts = np.concatenate([self.neg[::-1], self.hist])
+        return counts, np.linspace(-self.upper, self.upper, 2 * self.bins + 1)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**super().state(), "neg": torch.from_numpy(self.neg.astype(np.float32))}
+
+    def merge(self, other: SignedHistogramObserver) -> SignedHistogramObserver:
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge histograms with {self.bins} and {other.bins} bins")
+        upper = max(self.upper, other.upper)
+
+        def at(h: np.ndarray, u: float) -> np.ndarray:
+            return rebin(h, u, upper) if 0 < u < upper else h
+
+        self.hist = at(self.hist, self.upper) + at(other.hist, other.upper)
+        self.neg = at(self.neg, self.upper) + at(other.neg, other.upper)
+        self.upper = upper
+        self.count += other.count
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], count: int) -> SignedHistogramObserver:
+        obs = super().from_state(state, count)
+        obs.neg = state["neg"].double().numpy().copy()
+        return obs
+
+
 OBSERVERS: dict[str, type[Observer]] = {
-    cls.name: cls for cls in (MinMaxObserver, MeanSquareObserver, HessianObserver, HistogramObserver)
+    cls.name: cls for cls in (MinMaxObserver, MeanSquareObserver, HessianObserver, HistogramObserver,
+                              SignedHistogramObserver)
 }
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activation import ActQuant
 from .formats import BlockQuantizedTensor
 
 
@@ -31,19 +32,31 @@ class _Packed(nn.Module):
 
 
 class QuantLinear(_Packed):
-    """``nn.Linear`` replacement whose weight is a :class:`BlockQuantizedTensor`."""
+    """``nn.Linear`` replacement whose weight is a :class:`BlockQuantizedTensor`.
 
-    def __init__(self, packed: BlockQuantizedTensor, bias: torch.Tensor | None = None):
+    ``act`` (W8A8): static quantization of the input, applied before the matmul as the
+    exported ``QuantizeLinear``/``DequantizeLinear`` pair does; None = float input.
+    """
+
+    def __init__(self, packed: BlockQuantizedTensor, bias: torch.Tensor | None = None,
+                 act: ActQuant | None = None):
         super().__init__(packed)
         self.out_features, self.in_features = packed.shape
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.act = act
 
     @property
     def weight(self) -> torch.Tensor:  # lets code that reads .weight (e.g. HF helpers) keep working
         return self.dense_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act.fake_quant(x)
         return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        act = "" if self.act is None else f", act=uint{self.act.bits}-{self.act.method}"
+        return super().extra_repr() + act
 
 
 class QuantEmbedding(_Packed):

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 SchemeFor = Callable[[str], "QuantScheme | None"]
 
 # layers whose input is another layer's input: their statistics are read from that layer
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj",  # Llama
+                "key": "query", "value": "query"}  # BERT self-attention
 OBSERVED = r"\.(q_proj|o_proj|gate_proj|down_proj)$"
 
 
