@@ -55,7 +55,7 @@ class StepContext:
 
 def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
     return QuantScheme(bits=step.bits, block_size=step.group_size or 0, symmetric=step.symmetric,
-                       scale_dtype=step.scale_dtype)
+                       scale_dtype=step.scale_dtype, dtype=getattr(step, "dtype", "int"))
 
 
 def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> list[dict]:

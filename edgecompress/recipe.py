@@ -174,6 +174,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Choice types: extend a Literal here to add an option (e.g. a new quantization method).
 QuantMethod = _choice("rtn", "gptq")
 ActObserver = _choice("minmax", "percentile", "mse", "entropy")
+WeightDtype = _choice("int", "fp4")
 Granularity = _choice("tensor", "channel")
 Preset = _choice(*PRESETS)
 Bits = _choice(3, 4, 8)
@@ -239,8 +240,8 @@ class CalibrationSpec(BaseModel):
         "pydoc:calib",
         description="Calibration text: 'pydoc:calib' (built-in Python documentation) or a path to a .txt/.jsonl file.",
     )
-    samples: StrictInt = Field(32, ge=1, description="Number of calibration sequences.")
-    seq_len: StrictInt = Field(512, ge=8, description="Tokens per calibration sequence.")
+    samples: StrictInt = Field(32, ge=1, description="Number of calibration sequences (sentences for encoders).")
+    seq_len: StrictInt = Field(512, ge=8, description="Tokens per calibration sequence (max per sentence for encoders).")
     seed: StrictInt = Field(0, ge=0, description="Random seed for picking the calibration windows.")
     batch_size: StrictInt = Field(1, ge=1, description="Sequences per forward pass during calibration.")
 
@@ -293,6 +294,10 @@ class QuantizeStep(StepConfig):
         "compensation, layer by layer on the calibration data; Frantar et al. 2022)."
     )
     bits: Bits = Field(4, description="Weight bits: 3, 4 or 8 (3-bit exports as a custom-domain op with an ONNX function body; symmetric, not for embeddings).")
+    dtype: WeightDtype = Field(
+        "int", description="Weight element type: int (uniform grid) or fp4 (E2M1 values x a per-block fp16 scale; "
+        "bits 4, symmetric, a group_size, method rtn, embeddings false; exports as a custom-domain op with an "
+        "ONNX function body).")
     group_size: GroupSize = Field(
         None,
         description="Weights per scale: 32, 64 or 128; null or 0 = one scale per output channel. "
@@ -322,6 +327,20 @@ class QuantizeStep(StepConfig):
     activations: ActivationSpec | None = Field(
         None, description="Static activation quantization (W8A8; needs bits: 8, group_size: null); "
         "null = weight-only.")
+
+    @model_validator(mode="after")
+    def _fp4_format(self) -> QuantizeStep:
+        if self.dtype == "fp4":
+            bad = [f"bits: {self.bits}"] if self.bits != 4 else []
+            bad += ["symmetric: false"] if not self.symmetric else []
+            bad += ["group_size: null"] if self.group_size is None else []
+            bad += [f"method: {self.method}"] if self.method != "rtn" else []
+            bad += ["embeddings: true"] if self.embeddings else []
+            if bad:
+                raise _located_error(("dtype",), "fp4", "fp4_format",
+                                     "dtype fp4 needs bits: 4, symmetric: true, a group_size, method: rtn and "
+                                     "embeddings: false; got {bad}", {"bad": ", ".join(bad)})
+        return self
 
     @model_validator(mode="after")
     def _w8a8_needs_int8_channels(self) -> QuantizeStep:
@@ -519,6 +538,15 @@ class Thresholds(BaseModel):
     top1_agreement: StrictFloat | None = Field(
         None, ge=0, le=1, description="Min fraction of positions where both models' top-1 token agree."
     )
+    cosine_mean: StrictFloat | None = Field(
+        None, ge=-1, le=1, description="Sentence encoders: min mean cosine of the embeddings to the reference's."
+    )
+    cosine_worst: StrictFloat | None = Field(
+        None, ge=-1, le=1, description="Sentence encoders: min cosine of the worst sentence."
+    )
+    neighbor_agreement: StrictFloat | None = Field(
+        None, ge=0, le=1, description="Sentence encoders: min fraction of sentences whose nearest neighbour "
+        "(among the evaluated ones) is the reference's.")
 
 
 class CheckSpec(BaseModel):
@@ -533,11 +561,12 @@ class CheckSpec(BaseModel):
     data: DataSource = Field(
         "pydoc:eval", description="Evaluation text: 'pydoc:eval' or a path to a .txt/.jsonl file."
     )
-    seq_len: StrictInt = Field(512, ge=8, description="Tokens per evaluation window.")
-    windows: StrictInt = Field(8, ge=1, description="Number of evaluation windows.")
+    seq_len: StrictInt = Field(512, ge=8, description="Tokens per evaluation window (max tokens per sentence for encoders).")
+    windows: StrictInt = Field(8, ge=1, description="Number of evaluation windows (sentences for encoders).")
     thresholds: Annotated[Thresholds, BeforeValidator(lambda v: {} if v is None else v)] = Field(
         default_factory=Thresholds,
-        description="Bounds that fail the check: perplexity_ratio (max), kl (max), top1_agreement (min).",
+        description="Bounds that fail the check: perplexity_ratio (max), kl (max), top1_agreement (min) for "
+        "causal LMs; cosine_mean, cosine_worst, neighbor_agreement (min) for sentence encoders.",
     )
 
 

@@ -26,21 +26,29 @@ def print_metrics(d: dict[str, Any], title: str | None = None) -> None:
 
 def print_report(report: dict[str, Any]) -> None:
     t = Table(title=f"{report['recipe']}: exports ({report['out']})")
-    for col in ("export", "MB", "bits/w", "prefill tok/s", "decode tok/s", "RSS MB"):
-        t.add_column(col, justify="right")
     bench = report.get("bench", {})
+    encoder = any("sentences_s" in b for b in bench.values())
+    speed = ("sentences/s", "tokens/s") if encoder else ("prefill tok/s", "decode tok/s")
+    keys = ("sentences_s", "tokens_s") if encoder else ("prefill_tok_s", "decode_tok_s")
+    for col in ("export", "MB", "bits/w", *speed, "RSS MB"):
+        t.add_column(col, justify="right")
     for name, e in report["exports"].items():
         b = bench.get(name, {})
         t.add_row(name + (" (ref)" if e.get("reference") else ""), _fmt(e["size_mb"]),
-                  _fmt(e.get("bits_per_weight")), _fmt(b.get("prefill_tok_s")),
-                  _fmt(b.get("decode_tok_s")), _fmt(b.get("peak_rss_mb")))
+                  _fmt(e.get("bits_per_weight")), _fmt(b.get(keys[0])), _fmt(b.get(keys[1])),
+                  _fmt(b.get("peak_rss_mb")))
     console.print(t)
     if "check" in report:
         c = report["check"]
         status = "[green]passed[/]" if c["passed"] else f"[red]FAILED[/] ({'; '.join(c['failures'])})"
-        console.print(f"check of [bold]{c['export']}[/] on {c['runtime']} ({c['tokens']} held-out tokens of {c['data']}): "
-                      f"perplexity {c['perplexity']:.3f} vs {c['reference_perplexity']:.3f} "
-                      f"(ratio {c['perplexity_ratio']:.4f}), KL {c['kl']:.4f}, top-1 agreement {c['top1_agreement']:.4f} "
-                      f"-> {status}", highlight=False)
+        if "cosine_mean" in c:
+            what = (f"{c['sentences']} held-out sentences of {c['data']}): embedding cosine mean "
+                    f"{c['cosine_mean']:.5f}, worst {c['cosine_worst']:.5f}, nearest-neighbour agreement "
+                    f"{c.get('neighbor_agreement', float('nan')):.4f}")
+        else:
+            what = (f"{c['tokens']} held-out tokens of {c['data']}): perplexity {c['perplexity']:.3f} vs "
+                    f"{c['reference_perplexity']:.3f} (ratio {c['perplexity_ratio']:.4f}), KL {c['kl']:.4f}, "
+                    f"top-1 agreement {c['top1_agreement']:.4f}")
+        console.print(f"check of [bold]{c['export']}[/] on {c['runtime']} ({what} -> {status}", highlight=False)
     console.print(f"timings: {report['timings']}", highlight=False)
     console.print(f"report: {report['out']}/report.json", highlight=False)

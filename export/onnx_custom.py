@@ -63,3 +63,46 @@ def matmul_block_quantized_function(opset: int) -> onnx.FunctionProto:
     ]
     return helper.make_function(DOMAIN, MATMUL_BQ, ["A", "B", "scales"], ["Y"], nodes,
                                 [helper.make_opsetid("", opset)])
+
+
+MATMUL_FP4 = "MatMulFP4"
+
+
+def matmul_fp4_function(opset: int, values: np.ndarray) -> onnx.FunctionProto:
+    """The function body of ``edgecompress::MatMulFP4(A, B, scales)``: ``B`` uint8 ``[N, n_blocks, block/2]``
+    holds two E2M1 codes per byte (low nibble first), ``values`` is the 16-entry code -> value table,
+    ``w = values[code] * scale``; the last block's padding is dropped, then ``Y = A @ wᵀ``."""
+    n = helper.make_node
+    nodes = [
+        _const("lut", values.astype(np.float32)),
+        _const("low4", np.array(15, np.uint8)),
+        _const("four", np.array(4, np.uint8)),
+        _const("axis_last", np.array([-1], np.int64)),
+        _const("zero1", np.array([0], np.int64)),
+        _const("two1", np.array([2], np.int64)),
+        _const("minus1", np.array([-1], np.int64)),
+        _const("k_axis", np.array([1], np.int64)),
+        n("BitwiseAnd", ["B", "low4"], ["lo"]),
+        n("BitShift", ["B", "four"], ["hi"], direction="RIGHT"),
+        n("Unsqueeze", ["lo", "axis_last"], ["lo5"]),
+        n("Unsqueeze", ["hi", "axis_last"], ["hi5"]),
+        n("Concat", ["lo5", "hi5"], ["pairs"], axis=-1),  # [N, nb, block/2, 2]
+        n("Shape", ["B"], ["b_shape"]),
+        n("Slice", ["b_shape", "zero1", "two1", "zero1"], ["n_nb"]),
+        n("Concat", ["n_nb", "minus1"], ["shape3"], axis=0),
+        n("Reshape", ["pairs", "shape3"], ["codes"]),  # [N, nb, block]
+        n("Cast", ["codes"], ["codes64"], to=TensorProto.INT64),
+        n("Gather", ["lut", "codes64"], ["vals"], axis=0),
+        n("Unsqueeze", ["scales", "axis_last"], ["scales3"]),
+        n("Mul", ["vals", "scales3"], ["w_blocks"]),
+        n("Slice", ["b_shape", "zero1", "k_axis", "zero1"], ["n_only"]),
+        n("Concat", ["n_only", "minus1"], ["shape2"], axis=0),
+        n("Reshape", ["w_blocks", "shape2"], ["w_padded"]),
+        n("Shape", ["A"], ["a_shape"]),
+        n("Gather", ["a_shape", "minus1"], ["k"], axis=0),
+        n("Slice", ["w_padded", "zero1", "k", "k_axis"], ["w"]),
+        n("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+        n("MatMul", ["A", "w_t"], ["Y"]),
+    ]
+    return helper.make_function(DOMAIN, MATMUL_FP4, ["A", "B", "scales"], ["Y"], nodes,
+                                [helper.make_opsetid("", opset)])

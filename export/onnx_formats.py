@@ -8,6 +8,7 @@
   with static input quantization (W8A8) the input gets a ``QuantizeLinear``/``DequantizeLinear`` pair
 * int3 (``QuantLinear``, symmetric) -> ``edgecompress::MatMulBlockQuantized`` with its ONNX function
   body (``onnx_custom``), so ONNX Runtime runs it without a kernel of its own
+* fp4 E2M1 (``QuantLinear`` of an ``FP4Tensor``) -> ``edgecompress::MatMulFP4``, likewise
 * embeddings                    -> ``Gather`` / ``com.microsoft::GatherBlockQuantized``
 
 Scales are stored as float16 when that is lossless (the quantizer rounds them so) and cast to float32
@@ -26,6 +27,7 @@ from torch import nn
 
 from edgecompress.compress.quant.activation import ActQuant
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
+from edgecompress.compress.quant.fp4 import E2M1_VALUES, FP4Tensor
 from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
 
 from . import onnx_custom as custom
@@ -117,15 +119,18 @@ def matmulnbits_ok(p: BlockQuantizedTensor) -> bool:
 def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
                 cache: WeightCache) -> tuple[str, LayerFormat]:
     """Emit ``y = mod(x)``; return the output name and the layer's format record."""
-    if isinstance(mod, QuantLinear):
+    if isinstance(mod, QuantLinear) and isinstance(mod.packed, FP4Tensor):
+        y, fmt = _emit_fp4_custom(g, x, mod.packed, base, opts)
+        bias = mod.bias
+    elif isinstance(mod, QuantLinear):
         p = mod.packed
         n, k = p.shape
         if mod.act is not None:
             if not p.bits == 8 or p.n_blocks != 1:
                 raise NotImplementedError(f"{base}: static activation quantization exports with int8 "
                                           "per-channel weights (W8A8); use bits: 8, group_size: null")
-            x = _emit_act_qdq(g, x, mod.act, base)
-        if matmulnbits_ok(p):
+            x, act_names = _emit_act_qdq(g, x, mod.act, base)
+        if matmulnbits_ok(p) and mod.act is None:
             names = cache.get(p)
             owner = cache.owner.get(id(p), base)
             nbytes = 0
@@ -146,6 +151,10 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
                               (n, k), p.block_size, dict(names))
         elif p.bits == 8:
             y, fmt = _emit_int8_qdq(g, x, p, base, opts)
+            if mod.act is not None:
+                fmt.format += f"-a{mod.act.bits}-{'channel' if mod.act.per_channel else 'tensor'}"
+                fmt.onnx_op = "QuantizeLinear+DequantizeLinear+" + fmt.onnx_op
+                fmt.initializers.update(act_names)
         elif p.bits == 3:
             y, fmt = _emit_block_quantized_custom(g, x, p, base, opts)
         else:
@@ -167,7 +176,7 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
     return y, fmt
 
 
-def _emit_act_qdq(g: GraphBuilder, x: str, act: ActQuant, base: str) -> str:
+def _emit_act_qdq(g: GraphBuilder, x: str, act: ActQuant, base: str) -> tuple[str, dict[str, str]]:
     """Static input quantization: ``QuantizeLinear`` -> ``DequantizeLinear`` (uint8, per tensor
     or per channel along the last axis), the pattern ONNX Runtime fuses into an integer matmul."""
     if act.bits != 8:
@@ -176,7 +185,8 @@ def _emit_act_qdq(g: GraphBuilder, x: str, act: ActQuant, base: str) -> str:
     zp = g.initializer(f"{base}.input_zero_point", _np(act.zero_point).astype(np.uint8))
     axis = {"axis": -1} if act.per_channel else {}
     q = g.op("QuantizeLinear", x, s, zp, name=f"{base}/input_QuantizeLinear", **axis)
-    return g.op("DequantizeLinear", q, s, zp, name=f"{base}/input_DequantizeLinear", **axis)
+    return (g.op("DequantizeLinear", q, s, zp, name=f"{base}/input_DequantizeLinear", **axis),
+            {"input_scale": s, "input_zero_point": zp})
 
 
 def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
@@ -252,12 +262,30 @@ def _emit_block_quantized_custom(g: GraphBuilder, x: str, p: BlockQuantizedTenso
                           initializers={"B": b, "scales": s})
 
 
+def _emit_fp4_custom(g: GraphBuilder, x: str, p: FP4Tensor, base: str,
+                     opts: EmitOptions) -> tuple[str, LayerFormat]:
+    """fp4 (E2M1) weights as ``edgecompress::MatMulFP4`` with its function body in the model."""
+    n, k = p.shape
+    if not any(f.domain == custom.DOMAIN and f.name == custom.MATMUL_FP4 for f in g.functions):
+        g.functions.append(custom.matmul_fp4_function(g.opset, E2M1_VALUES.numpy()))
+    b = g.initializer(f"{base}.qweight", _np(p.qweight))
+    _, s, sbytes = _scale_tensor(g, base, _np(p.scales), opts)
+    y = g.op(custom.MATMUL_FP4, x, b, s, name=f"{base}/{custom.MATMUL_FP4}", domain=custom.DOMAIN)
+    g.value_info.append(helper.make_tensor_value_info(y, FLOAT, None))
+    nbytes = p.qweight.numel() + sbytes
+    return y, LayerFormat(base, f"fp4-e2m1-b{p.block_size}", f"{custom.DOMAIN}::{custom.MATMUL_FP4}",
+                          8 * nbytes / (n * k), n * k, nbytes, shape=(n, k), block_size=p.block_size,
+                          initializers={"B": b, "scales": s})
+
+
 def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: EmitOptions,
                    cache: WeightCache) -> tuple[str, LayerFormat]:
     """Emit the token embedding lookup ``[B, S] -> [B, S, H]``."""
     if isinstance(mod, QuantEmbedding):
         p = mod.packed
         v, h = p.shape
+        if isinstance(p, FP4Tensor):
+            raise NotImplementedError(f"{base}: fp4 embeddings have no ONNX form; quantize the embedding as int4/int8")
         if p.bits not in (4, 8):
             raise NotImplementedError(f"{base}: no ONNX form for {p.bits}-bit embeddings (GatherBlockQuantized "
                                       "takes 4 or 8 bits); quantize the embedding separately at 4 or 8 bits")

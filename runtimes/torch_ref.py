@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from edgecompress.artifact import Artifact
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
+from edgecompress.compress.quant.fp4 import FP4Tensor
 
 from .base import Generation, Runtime, Timer
 
@@ -45,6 +46,9 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
     n, k = layer["shape"]
     inits = layer["initializers"]
     op = layer["onnx_op"]
+    if "input_scale" in layer["initializers"]:
+        raise NotImplementedError(f"torch runtime does not simulate the static activation quantization of "
+                                  f"{layer['module']} (W8A8); run this artifact on ort-cpu")
     if op in ("MatMulNBits", "GatherBlockQuantized"):
         b = get(inits["B"])
         scales = np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1)  # a writable copy
@@ -61,6 +65,10 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
         b = torch.from_numpy(get(inits["B"]).copy())
         scales = torch.from_numpy(np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1))
         return BlockQuantizedTensor(b, scales, None, 3, layer["block_size"], (n, k)).to_float()
+    if op == "edgecompress::MatMulFP4":
+        b = torch.from_numpy(get(inits["B"]).copy())
+        scales = torch.from_numpy(np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1))
+        return FP4Tensor(b, scales, layer["block_size"], (n, k)).to_float()
     if op == "DequantizeLinear+MatMul":
         q = get(inits["qweight"]).astype(np.float32)  # [K, N]
         s = get(inits["scales"]).astype(np.float32)

@@ -146,3 +146,63 @@ def test_targets_matching_nothing_is_a_clear_error(tiny_llama):
     with pytest.raises(EdgeCompressError, match="down_projection") as e:
         apply_rtn(tiny_llama, RTNConfig(targets=("down_projection",)))
     assert "down_proj" in str(e.value)  # close matches and module leaf names are listed
+
+
+# ------------------------------------------------------------------ fp4 (E2M1)
+def test_e2m1_encoding_matches_a_numpy_nearest_value_oracle():
+    from edgecompress.compress.quant.fp4 import E2M1_VALUES, encode_e2m1
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(5000) * 3, torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, 7.0, -9.0, 0.0])])
+    codes = encode_e2m1(x)
+    vals = E2M1_VALUES.numpy()
+    got = vals[codes.numpy()]
+    clipped = np.clip(x.numpy(), -6, 6)
+    dist = np.abs(clipped[:, None] - vals[None, :])
+    best = dist.min(1)
+    assert np.allclose(np.abs(got - clipped), best)  # always a nearest representable value
+    # ties go to the even mantissa: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4
+    assert got[-11:-4].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    assert got[-4:].tolist() == [-4.0, 6.0, -6.0, 0.0]
+
+
+@pytest.mark.parametrize("shape,block", [((16, 64), 32), ((10, 72), 32), ((8, 64), 16)])
+def test_fp4_to_float_round_trip_and_sqnr(shape, block):
+    from edgecompress.compress.quant.fp4 import E2M1_VALUES, quantize_fp4
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape)
+    p = quantize_fp4(w, block)
+    wq = p.to_float()
+    assert wq.shape == w.shape
+    # every dequantized value is a table value times its block's scale
+    n, k = shape
+    padded = torch.zeros(n, p.n_blocks * block)
+    padded[:, :k] = wq
+    ratio = padded.view(n, p.n_blocks, block) / p.scales.unsqueeze(-1)
+    assert torch.isin(ratio.round(decimals=5), E2M1_VALUES).all()
+    sqnr = 10 * torch.log10(w.square().sum() / (w - wq).square().sum())
+    assert sqnr > 15  # E2M1 with a per-block absmax scale on Gaussian weights: ~17-18 dB
+    assert quantize_fp4(wq, block).to_float().allclose(wq)  # idempotent on its own grid
+    assert p.bits_per_weight() == pytest.approx((block * 4 + 16) * p.n_blocks / k)
+
+
+def test_fp4_custom_op_function_body_equals_torch():
+    import onnxruntime as ort
+
+    from edgecompress.compress.quant.fp4 import quantize_fp4
+    from edgecompress.export.graph import FLOAT, GraphBuilder
+    from edgecompress.export.onnx_formats import EmitOptions, WeightCache, emit_linear
+    from edgecompress.compress.quant.modules import QuantLinear
+
+    torch.manual_seed(0)
+    lin = QuantLinear(quantize_fp4(torch.randn(24, 80), 32))
+    g = GraphBuilder("fp4")
+    x = g.input("x", FLOAT, [3, 80])
+    y, fmt = emit_linear(g, x, lin, "lin", EmitOptions(), WeightCache())
+    g.node("Identity", [y], outputs=["y"])
+    g.output("y", FLOAT, [3, 24])
+    assert fmt.onnx_op == "edgecompress::MatMulFP4" and fmt.bits == pytest.approx((32 * 4 + 16) * 3 / 80)
+    sess = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    a = torch.randn(3, 80)
+    np.testing.assert_allclose(sess.run(None, {"x": a.numpy()})[0], lin(a).detach().numpy(), atol=1e-4)

@@ -29,10 +29,15 @@ class QuantScheme:
     block_size: int = 128  # 0 means one block per output row (per-channel)
     symmetric: bool = True
     scale_dtype: str = "float16"  # scales are rounded to this storage dtype before coding
+    dtype: str = "int"  # "int" (uniform grid) or "fp4" (E2M1 values, see quant.fp4)
 
     def __post_init__(self) -> None:
         if self.bits not in (3, 4, 8):
             raise ValueError(f"bits must be 3, 4 or 8, got {self.bits}")
+        if self.dtype not in ("int", "fp4"):
+            raise ValueError(f"dtype must be 'int' or 'fp4', got {self.dtype!r}")
+        if self.dtype == "fp4" and (self.bits != 4 or not self.symmetric or self.block_size <= 0):
+            raise ValueError("fp4 (E2M1) is 4 bits, symmetric, with a per-block scale (block_size > 0)")
         if self.block_size < 0:
             raise ValueError(f"block_size must be >= 0, got {self.block_size}")
 

@@ -11,11 +11,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from edgecompress.errors import EdgeCompressError
 
-from .formats import QuantScheme, quantize_blockwise
+from .formats import BlockQuantizedTensor, QuantScheme, quantize_blockwise
+from .fp4 import FP4Tensor, quantize_fp4
 from .modules import QuantEmbedding, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -30,17 +32,18 @@ class RTNConfig:
     ignore: tuple[str, ...] = ()
     embeddings: bool = True
     scale_dtype: str = "float16"
+    dtype: str = "int"
 
     @classmethod
     def from_scheme(cls, scheme: QuantScheme, **selection) -> RTNConfig:
         """RTN with ``scheme``'s format; ``selection``: targets / ignore / embeddings."""
         return cls(bits=scheme.bits, group_size=scheme.block_size, symmetric=scheme.symmetric,
-                   scale_dtype=scheme.scale_dtype, **selection)
+                   scale_dtype=scheme.scale_dtype, dtype=scheme.dtype, **selection)
 
     @property
     def scheme(self) -> QuantScheme:
         return QuantScheme(bits=self.bits, block_size=self.group_size, symmetric=self.symmetric,
-                           scale_dtype=self.scale_dtype)
+                           scale_dtype=self.scale_dtype, dtype=self.dtype)
 
 
 @dataclass
@@ -54,6 +57,13 @@ class QuantRecord:
     symmetric: bool
     shape: tuple[int, int]
     shared_with: list[str] = field(default_factory=list)
+
+
+def quantize_weight(w: torch.Tensor, scheme: QuantScheme) -> BlockQuantizedTensor | FP4Tensor:
+    """Round-to-nearest in ``scheme``'s format: integer blocks or fp4 (E2M1) blocks."""
+    if scheme.dtype == "fp4":
+        return quantize_fp4(w, scheme.block_size, scheme.scale_dtype)
+    return quantize_blockwise(w, scheme)
 
 
 def select(name: str, targets: tuple[str, ...], ignore: tuple[str, ...]) -> bool:
@@ -102,9 +112,9 @@ def apply_rtn(model: nn.Module, cfg: RTNConfig) -> list[QuantRecord]:
         if tied:
             skip.add(tied[0])
         if cfg.embeddings and select(emb_name, cfg.targets, cfg.ignore):
-            packed = quantize_blockwise(emb.weight, scheme)
+            packed = quantize_weight(emb.weight, scheme)
             _set_module(model, emb_name, QuantEmbedding(packed, emb.padding_idx))
-            rec = QuantRecord(emb_name, "block_int", scheme.bits, packed.block_size, scheme.symmetric,
+            rec = QuantRecord(emb_name, f"block_{scheme.dtype}", scheme.bits, packed.block_size, scheme.symmetric,
                               packed.shape)
             if tied:
                 _set_module(model, tied[0], QuantLinear(packed, tied[1].bias))
@@ -116,9 +126,9 @@ def apply_rtn(model: nn.Module, cfg: RTNConfig) -> list[QuantRecord]:
     for name, mod in list(model.named_modules()):
         if name in skip or not isinstance(mod, nn.Linear) or not select(name, cfg.targets, cfg.ignore):
             continue
-        packed = quantize_blockwise(mod.weight, scheme)
+        packed = quantize_weight(mod.weight, scheme)
         _set_module(model, name, QuantLinear(packed, mod.bias))
-        records.append(QuantRecord(name, "block_int", scheme.bits, packed.block_size, scheme.symmetric,
+        records.append(QuantRecord(name, f"block_{scheme.dtype}", scheme.bits, packed.block_size, scheme.symmetric,
                                    packed.shape))
     log.info("RTN int%d: quantized %d modules", scheme.bits, len(records))
     return records
