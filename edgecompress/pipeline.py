@@ -75,8 +75,7 @@ def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> l
         names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in before]
         console.log(f"calibrating static {a.observer} activation ranges of {len(names)} linears")
         records += calibrate_activations(model, _first(ctx.windows, a.samples), names, method=a.observer,
-                                         bits=a.bits, per_channel=a.granularity == "channel",
-                                         percentile=a.percentile, progress=ctx.progress, batch_size=ctx.batch_size)
+                                         bits=a.bits, percentile=a.percentile, progress=ctx.progress, batch_size=ctx.batch_size)
     return records
 
 

@@ -168,14 +168,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w3a16": {"bits": 3, "group_size": 128, "symmetric": True},
     "w8a16": {"bits": 8, "group_size": None, "symmetric": True},
     "w8a8": {"bits": 8, "group_size": None, "symmetric": True,
-             "activations": {"bits": 8, "observer": "minmax", "granularity": "tensor"}},
+             "activations": {"bits": 8, "observer": "minmax"}},
 }
 
 # Choice types: extend a Literal here to add an option (e.g. a new quantization method).
 QuantMethod = _choice("rtn", "gptq")
 ActObserver = _choice("minmax", "percentile", "mse", "entropy")
 WeightDtype = _choice("int", "fp4")
-Granularity = _choice("tensor", "channel")
 Preset = _choice(*PRESETS)
 Bits = _choice(3, 4, 8)
 GroupSize = Annotated[
@@ -255,8 +254,10 @@ class StepConfig(BaseModel):
 
 
 class ActivationSpec(BaseModel):
-    """Static activation quantization (W8A8): each quantized linear's input gets a calibrated
-    uint8 scale and zero point, exported as QuantizeLinear/DequantizeLinear."""
+    """Static activation quantization (W8A8): each quantized linear's input gets one calibrated uint8
+    scale and zero point (per tensor), exported as QuantizeLinear/DequantizeLinear, which ONNX Runtime
+    runs as an integer matmul. (Per-channel input scales cannot be factored out of a matmul's
+    reduction; per-channel outliers are what the smoothquant step moves into the weights.)"""
 
     model_config = _FROZEN
 
@@ -266,18 +267,7 @@ class ActivationSpec(BaseModel):
         "percentile (clip at `percentile`), mse (clipping that minimises the squared quantization error), "
         "entropy (clipping that minimises KL between the histogram and its quantized form).")
     percentile: StrictFloat = Field(99.99, gt=50, le=100, description="percentile observer: the kept percentile.")
-    granularity: Granularity = Field(
-        "tensor", description="tensor: one scale per input tensor (integer matmul in ONNX Runtime); channel: one "
-        "per input channel (minmax only; runs as float QDQ, for accuracy studies).")
     samples: StrictInt | None = Field(None, ge=1, description="Calibration sequences used (default: all).")
-
-    @model_validator(mode="after")
-    def _channel_needs_minmax(self) -> ActivationSpec:
-        if self.granularity == "channel" and self.observer != "minmax":
-            raise _located_error(("granularity",), self.granularity, "channel_minmax",
-                                 "granularity 'channel' uses the minmax observer, not {obs}; "
-                                 "use granularity: tensor with this observer", {"obs": _show(self.observer)})
-        return self
 
 
 class QuantizeStep(StepConfig):

@@ -35,6 +35,14 @@ def _layer_norm(g: GraphBuilder, x: str, ln: nn.LayerNorm, base: str) -> str:
                 epsilon=float(ln.eps))
 
 
+def _residual_add(g: GraphBuilder, y: str, residual: str, block: nn.Module, base: str) -> str:
+    """``y + residual`` (times the block's ``residual_scale`` when SmoothQuant folded into a post-LN norm)."""
+    scale = getattr(block, "residual_scale", None)
+    if scale is not None:
+        residual = g.op("Mul", residual, g.initializer(f"{base}.residual_scale", _np(scale)), name=f"{base}/residual_scale")
+    return g.op("Add", y, residual, name=f"{base}/residual")
+
+
 def build_bert_encoder(encoder: nn.Module, *, opts: EmitOptions | None = None,
                        fuse: bool = True, progress=None) -> tuple[onnx.ModelProto, list[LayerFormat]]:
     """The ONNX graph of a :class:`~edgecompress.models.SentenceEncoder` wrapping a HF ``BertModel``."""
@@ -111,14 +119,14 @@ def build_bert_encoder(encoder: nn.Module, *, opts: EmitOptions | None = None,
         ctx = g.op("Reshape", ctx, merge_heads, name=f"{pre}/context_merge")
         o, fmt = emit_linear(g, ctx, layer.attention.output.dense, f"{pre}.attention.output.dense", opts, cache)
         formats.append(fmt)
-        x = _layer_norm(g, g.op("Add", o, x, name=f"{pre}/attn_residual"), layer.attention.output.LayerNorm,
-                        f"{pre}.attention.output.LayerNorm")
+        x = _layer_norm(g, _residual_add(g, o, x, layer.attention.output, f"{pre}.attention.output"),
+                        layer.attention.output.LayerNorm, f"{pre}.attention.output.LayerNorm")
         h, fmt = emit_linear(g, x, layer.intermediate.dense, f"{pre}.intermediate.dense", opts, cache)
         formats.append(fmt)
         h = g.op("Gelu", h, name=f"{pre}/gelu")
         o, fmt = emit_linear(g, h, layer.output.dense, f"{pre}.output.dense", opts, cache)
         formats.append(fmt)
-        x = _layer_norm(g, g.op("Add", o, x, name=f"{pre}/mlp_residual"), layer.output.LayerNorm,
+        x = _layer_norm(g, _residual_add(g, o, x, layer.output, f"{pre}.output"), layer.output.LayerNorm,
                         f"{pre}.output.LayerNorm")
         if progress is not None:
             progress()

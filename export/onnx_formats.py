@@ -152,7 +152,7 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
         elif p.bits == 8:
             y, fmt = _emit_int8_qdq(g, x, p, base, opts)
             if mod.act is not None:
-                fmt.format += f"-a{mod.act.bits}-{'channel' if mod.act.per_channel else 'tensor'}"
+                fmt.format += f"-a{mod.act.bits}"
                 fmt.onnx_op = "QuantizeLinear+DequantizeLinear+" + fmt.onnx_op
                 fmt.initializers.update(act_names)
         elif p.bits == 3:
@@ -177,15 +177,15 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
 
 
 def _emit_act_qdq(g: GraphBuilder, x: str, act: ActQuant, base: str) -> tuple[str, dict[str, str]]:
-    """Static input quantization: ``QuantizeLinear`` -> ``DequantizeLinear`` (uint8, per tensor
-    or per channel along the last axis), the pattern ONNX Runtime fuses into an integer matmul."""
-    if act.bits != 8:
-        raise NotImplementedError(f"{base}: {act.bits}-bit activations have no ONNX form here (uint8 only)")
+    """Static input quantization: ``QuantizeLinear`` -> ``DequantizeLinear`` (uint8, per tensor), the
+    pattern ONNX Runtime fuses with the weight's ``DequantizeLinear`` into ``MatMulIntegerToFloat``."""
+    if act.bits != 8 or act.per_channel:
+        raise NotImplementedError(f"{base}: only per-tensor uint8 input quantization has an ONNX form here "
+                                  "(an integer matmul needs one input scale)")
     s = g.initializer(f"{base}.input_scale", _np(act.scale).astype(np.float32))
     zp = g.initializer(f"{base}.input_zero_point", _np(act.zero_point).astype(np.uint8))
-    axis = {"axis": -1} if act.per_channel else {}
-    q = g.op("QuantizeLinear", x, s, zp, name=f"{base}/input_QuantizeLinear", **axis)
-    return (g.op("DequantizeLinear", q, s, zp, name=f"{base}/input_DequantizeLinear", **axis),
+    q = g.op("QuantizeLinear", x, s, zp, name=f"{base}/input_QuantizeLinear")
+    return (g.op("DequantizeLinear", q, s, zp, name=f"{base}/input_DequantizeLinear"),
             {"input_scale": s, "input_zero_point": zp})
 
 

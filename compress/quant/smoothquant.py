@@ -4,9 +4,9 @@ Xiao et al. 2023, "SmoothQuant: Accurate and Efficient Post-Training Quantizatio
 Language Models". For a linear ``y = x Wᵀ`` whose input channel ``j`` has calibrated
 abs-max ``max|X_j|``, ``s_j = max|X_j|^α / max|W_:,j|^(1-α)``; ``x / s`` is easier to quantize
 per tensor and ``W diag(s)`` absorbs the difference, so ``(x / s)(W diag(s))ᵀ = x Wᵀ``
-exactly. The division by ``s`` is folded into the op that produces ``x`` (an RMSNorm's
-weight, or the rows of a linear whose output feeds ``x`` channel by channel), so the model
-keeps its structure and the export is unchanged.
+exactly. The division by ``s`` is folded into the op that produces ``x`` (a norm's weight and
+bias, or the rows of a linear whose output feeds ``x`` channel by channel). In a post-LN model
+(BERT) the norm's output is also the residual stream, which gets ``* s`` back (a ``Mul``).
 
 Pure core: :func:`smooth_scales`. Thin adapter: :func:`smoothquant_` over the fold sites of
 a model family (:func:`fold_sites`), reusing AWQ's exact folds.
@@ -42,40 +42,73 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5)
 
 
-# family -> (layer list path, [(fold site, linears sharing its output)]) relative to one layer.
-# BERT is post-LN: a LayerNorm's output is also the residual stream, so folding into it would
-# change the residual; only value -> attention output (linear in V per head) folds exactly.
-# Llama's o_proj input is not smoothed: with grouped-query attention one v_proj row feeds
-# several query heads (the same reason AWQ leaves it, see awq._GROUPS).
-_FAMILIES: dict[str, tuple[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
-    "llama": ("model.layers", (
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp.up_proj", ("mlp.down_proj",)),
-    )),
-    "bert": ("encoder.layer", (
-        ("attention.self.value", ("attention.output.dense",)),
-    )),
-}
+# Llama (pre-LN): per layer, (fold site, linears sharing its output). o_proj's input is not
+# smoothed: with grouped-query attention one v_proj row feeds several query heads (the reason AWQ
+# leaves it too, see awq._GROUPS).
+_LLAMA = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "bert": "bert"}
 
 
+class _ResidualScaled:
+    """Mixin for a BERT ``*Output`` block: ``LayerNorm(dense(h) + input_tensor * residual_scale)``.
+
+    BERT is post-LN: a LayerNorm's output feeds the next linears *and* the next residual add.
+    Folding ``1 / s`` into that LayerNorm is made exact by multiplying the residual back by ``s``
+    here (one elementwise multiply, exported as ``Mul``)."""
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states, input_tensor * self.residual_scale.to(input_tensor.dtype))
+
+
+def _scale_residual(block: nn.Module, s: torch.Tensor) -> None:
+    if not isinstance(block, _ResidualScaled):
+        block.__class__ = type(f"ResidualScaled{type(block).__name__}", (_ResidualScaled, type(block)), {})
+        block.register_buffer("residual_scale", torch.ones_like(s), persistent=False)
+    block.residual_scale.mul_(s.to(block.residual_scale.device))
+
+
+FoldSite = tuple[str, list[str], "str | None"]  # (site, linears fed by it, residual block to compensate)
+
+
+def _sites(model: nn.Module, family: str) -> Iterator[FoldSite]:
+    path = "model.layers" if family == "llama" else "encoder.layer"
+    found = [n for n, _ in model.named_modules() if n == path or n.endswith("." + path)]
+    if not found:
+        raise EdgeCompressError(f"no {path!r} layer list in this {family} model", hint="a Hugging Face model is expected")
+    root = found[0]
+    n_layers = len(model.get_submodule(root))
+    for i in range(n_layers):
+        b = f"{root}.{i}"
+        if family == "llama":
+            for site, linears in _LLAMA:
+                yield f"{b}.{site}", [f"{b}.{n}" for n in linears], None
+            continue
+        qkv = [f"{b}.attention.self.{n}" for n in ("query", "key", "value")]
+        prev_norm = f"{root[: -len(path)]}embeddings.LayerNorm" if i == 0 else f"{root}.{i - 1}.output.LayerNorm"
+        yield prev_norm, qkv, f"{b}.attention.output"
+        yield f"{b}.attention.self.value", [f"{b}.attention.output.dense"], None
+        yield f"{b}.attention.output.LayerNorm", [f"{b}.intermediate.dense"], f"{b}.output"
+
+
 def fold_sites(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[str]]]:
-    """``(fold site name, fold site module, names of the linears it feeds)`` for every layer."""
+    """``(fold site name, fold site module, names of the linears it feeds)`` for every site."""
     config = getattr(model, "config", None)
     family = _MODEL_TYPES.get(getattr(config, "model_type", None))
     if family is None:
         raise EdgeCompressError(
             f"SmoothQuant has no fold sites for model_type {getattr(config, 'model_type', None)!r}",
             hint=f"supported model types: {', '.join(sorted(_MODEL_TYPES))}")
-    path, groups = _FAMILIES[family]
-    found = [n for n, _ in model.named_modules() if n == path or n.endswith("." + path)]
-    if not found:
-        raise EdgeCompressError(f"no {path!r} layer list in this {family} model", hint="a Hugging Face model is expected")
-    for i, layer in enumerate(model.get_submodule(found[0])):
-        base = f"{found[0]}.{i}"
-        for site, linears in groups:
-            yield f"{base}.{site}", layer.get_submodule(site), [f"{base}.{n}" for n in linears]
+    for site, linears, _ in _sites(model, family):
+        yield site, model.get_submodule(site), linears
+
+
+def _residual_of(model: nn.Module, site: str) -> str | None:
+    family = _MODEL_TYPES[model.config.model_type]
+    return next((r for s, _, r in _sites(model, family) if s == site), None)
 
 
 @torch.no_grad()
@@ -96,6 +129,9 @@ def smoothquant_(model: nn.Module, act_absmax: Callable[[str], torch.Tensor], al
             fold_scales_into_linear(site, linears[0], s)
         else:
             fold_scales_into_norm(site, linears, s)
+            residual = _residual_of(model, site_name)
+            if residual is not None:
+                _scale_residual(model.get_submodule(residual), s)
         before = float(a.max() / a.clamp(min=1e-8).median())
         after = float((a / s).max() / (a / s).clamp(min=1e-8).median())
         log.debug("SmoothQuant %s -> %s: act max/median %.1f -> %.1f", site_name, names, before, after)
