@@ -88,9 +88,14 @@ def _apply_smoothquant(model: nn.Module, step: SmoothQuantStep, ctx: StepContext
 
     first = sorted({names[0] for _, _, names in fold_sites(model)})
     pattern = "^(?:" + "|".join(re.escape(n) for n in first) + ")$"
-    store = calibrate(model, _first(ctx.windows, step.samples), [StatRequest(pattern, "minmax")],
-                      progress=ctx.progress, batch_size=ctx.batch_size)
-    return smoothquant_(model, lambda name: store.get(name, "minmax")["absmax"], step.alpha)
+    requests = [StatRequest(pattern, "minmax")] + ([StatRequest(pattern, "sample")] if step.alpha == "auto" else [])
+    store = calibrate(model, _first(ctx.windows, step.samples), requests, progress=ctx.progress,
+                      batch_size=ctx.batch_size)
+
+    def stats(name: str) -> dict[str, torch.Tensor]:
+        return {**store.get(name, "minmax"), **(store.get(name, "sample") if step.alpha == "auto" else {})}
+
+    return smoothquant_(model, stats, step.alpha, step.grid)
 
 
 def _apply_awq(model: nn.Module, step: AWQStep, ctx: StepContext) -> list[dict]:

@@ -375,8 +375,11 @@ class SmoothQuantStep(StepConfig):
 
     step_type: ClassVar[str] = "smoothquant"
 
-    alpha: StrictFloat = Field(0.5, ge=0, le=1, description="Migration strength: 0 = no change, 1 = all of "
-                               "the activation range moved into the weights.")
+    alpha: Annotated[StrictFloat, Field(ge=0, le=1)] | _choice("auto") = Field(
+        0.5, description="Migration strength in [0, 1] (0 = no change, 1 = the whole activation range moved "
+        "into the weights), or auto: per fold site, the grid value whose W8A8 output is closest to the float "
+        "layer's on sampled calibration activations.")
+    grid: StrictInt = Field(11, ge=2, le=101, description="auto: points of the alpha grid in [0, 1].")
     samples: StrictInt | None = Field(None, ge=1, description="Calibration sequences used (default: all).")
 
 

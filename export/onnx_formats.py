@@ -289,6 +289,8 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
         if p.bits not in (4, 8):
             raise NotImplementedError(f"{base}: no ONNX form for {p.bits}-bit embeddings (GatherBlockQuantized "
                                       "takes 4 or 8 bits); quantize the embedding separately at 4 or 8 bits")
+        if p.bits == 8 and p.n_blocks == 1 and not matmulnbits_ok(p):
+            return _emit_int8_row_embedding(g, ids, p, base, opts)
         qname = g.initializer(f"{base}.qweight", _np(p.qweight))
         _, s2d, sbytes = _scale_tensor(g, base, _np(p.scales), opts)  # [V, n_blocks], shared with a tied head
         s = g.op("Unsqueeze", s2d, g.const("axes2", np.array([2], np.int64)), name=f"{base}/scales_3d")
@@ -321,6 +323,30 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
         return out, LayerFormat(base, "fp32", "Gather", 32.0, mod.weight.numel(), mod.weight.numel() * 4,
                                 shape=tuple(mod.weight.shape), initializers={"weight": w})
     raise NotImplementedError(f"{base}: no ONNX emitter for {type(mod).__name__}")
+
+
+def _emit_int8_row_embedding(g: GraphBuilder, ids: str, p: BlockQuantizedTensor, base: str,
+                             opts: EmitOptions) -> tuple[str, LayerFormat]:
+    """int8 rows with one scale each (a row length ``GatherBlockQuantized`` cannot block): gather the
+    codes and the row scales, ``(q - zp) * scale`` in standard ops."""
+    v, h = p.shape
+    codes = _np(p.unpacked()).reshape(v, -1)[:, :h]
+    if p.symmetric:
+        q = g.initializer(f"{base}.qweight", (codes.astype(np.int16) - 128).astype(np.int8))
+        zbytes = 0
+    else:
+        q = g.initializer(f"{base}.qweight", codes.copy())
+        zp = g.initializer(f"{base}.zero_points", _np(p.zero_points).reshape(v, 1).astype(np.float32))
+        zbytes = v
+    _, s, sbytes = _scale_tensor(g, base, _np(p.scales).reshape(v, 1), opts)
+    rows = g.op("Cast", g.op("Gather", q, ids, name=f"{base}/Gather", axis=0), name=f"{base}/cast", to=FLOAT)
+    if not p.symmetric:
+        rows = g.op("Sub", rows, g.op("Gather", zp, ids, name=f"{base}/gather_zp", axis=0), name=f"{base}/sub_zp")
+    out = g.op("Mul", rows, g.op("Gather", s, ids, name=f"{base}/gather_scales", axis=0), name=f"{base}/dequantize")
+    nbytes = v * h + sbytes + zbytes
+    return out, LayerFormat(base, f"int8-row-{'sym' if p.symmetric else 'asym'}", "Gather+Mul", 8 * nbytes / (v * h),
+                            v * h, nbytes, shape=(v, h), block_size=p.block_size,
+                            initializers={"qweight": q, "scales": s} | ({"zero_points": zp} if zbytes else {}))
 
 
 def emit_tied_head(g: GraphBuilder, x: str, weight: torch.Tensor, base: str, cache: WeightCache,

@@ -77,6 +77,10 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
             s = np.repeat(s, layer["block_size"], axis=0)[:k]
             z = np.repeat(z, layer["block_size"], axis=0)[:k]
         return torch.from_numpy(((q - z) * s).T.copy())
+    if op == "Gather+Mul":  # int8 embedding rows with one scale each
+        q = get(inits["qweight"]).astype(np.float32)
+        z = get(inits["zero_points"]).astype(np.float32) if "zero_points" in inits else 0.0
+        return torch.from_numpy(((q - z) * get(inits["scales"]).astype(np.float32)).copy())
     if op in ("MatMul", "Gather"):
         w = get(inits.get("weight_t") or inits["weight"])
         return torch.from_numpy(w.T.copy() if "weight_t" in inits else w.copy())

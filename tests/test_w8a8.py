@@ -129,12 +129,13 @@ def test_smooth_scales_formula():
     np.testing.assert_allclose(s.numpy(), ref, rtol=1e-6)
 
 
-def _calib_absmax(model, batches):
-    first = sorted({names[0] for _, _, names in fold_sites(model)})
+def _calib_absmax(model, batches, sample=False):
     import re
 
-    st = calibrate(model, batches, [StatRequest("^(?:" + "|".join(map(re.escape, first)) + ")$", "minmax")])
-    return lambda n: st.get(n, "minmax")["absmax"]
+    first = sorted({names[0] for _, _, names in fold_sites(model)})
+    pattern = "^(?:" + "|".join(map(re.escape, first)) + ")$"
+    st = calibrate(model, batches, [StatRequest(pattern, "minmax")] + ([StatRequest(pattern, "sample")] if sample else []))
+    return lambda n: {**st.get(n, "minmax"), **(st.get(n, "sample") if sample else {})}
 
 
 def test_smoothquant_folding_is_exact_on_llama(tiny_llama):
@@ -243,6 +244,36 @@ def test_smoothquant_refuses_quantized_linears_and_unknown_models(tiny_llama):
     model = copy.deepcopy(tiny_llama)
     apply_rtn(model, RTNConfig(bits=8, group_size=0))
     with pytest.raises(EdgeCompressError, match="before the quantize step"):
-        smoothquant_(model, lambda n: torch.ones(64), 0.5)
+        smoothquant_(model, lambda n: {"absmax": torch.ones(64)}, 0.5)
     with pytest.raises(EdgeCompressError, match="supported model types"):
         list(fold_sites(torch.nn.Linear(2, 2)))
+
+
+def test_search_alpha_picks_the_grid_point_with_the_least_output_error():
+    from edgecompress.compress.quant.activation import ActQuant, affine_params
+    from edgecompress.compress.quant.awq import fake_quant
+    from edgecompress.compress.quant.formats import QuantScheme
+    from edgecompress.compress.quant.smoothquant import search_alpha
+
+    torch.manual_seed(0)
+    X = torch.randn(256, 32)
+    X[:, 5] *= 60  # an outlier channel: some smoothing must help
+    W = torch.randn(16, 32)
+    best, errors = search_alpha(X, X.amin(0), X.amax(0), [W], grid=11)
+    assert best == min(errors, key=errors.get) and errors[best] < errors[0.0]
+    # the reported error at alpha = 0.5, recomputed here: s = sqrt(max|X_j| / max|W_:,j|)
+    s = (X.abs().amax(0) / W.abs().amax(0)).sqrt()
+    scale, zp = affine_params((X / s).min(), (X / s).max())
+    plain = ActQuant(scale, zp).fake_quant(X / s) @ fake_quant(W * s, QuantScheme(8, 0, True)).T
+    assert errors[0.5] == pytest.approx(float((plain - X @ W.T).square().sum()), rel=1e-4)
+
+
+def test_auto_alpha_folding_stays_exact(tiny_llama):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 260, (2, 32))
+    model = copy.deepcopy(tiny_llama)
+    ref = copy.deepcopy(model)
+    records = smoothquant_(model, _calib_absmax(model, ids, sample=True), alpha="auto", grid=5)
+    assert {r["alpha"] for r in records} <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    with torch.no_grad():
+        np.testing.assert_allclose(model(ids).logits.numpy(), ref(ids).logits.numpy(), atol=2e-5, rtol=1e-5)

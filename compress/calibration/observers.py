@@ -398,9 +398,56 @@ class SignedHistogramObserver(HistogramObserver):
         return obs
 
 
+class SampleObserver(Observer):
+    """A uniform random sample of at most ``max_rows`` input rows (tokens), for searches that
+    need real activations (e.g. SmoothQuant's per-site alpha). Priority sampling: every row gets a
+    seeded uniform key and the rows with the smallest keys are kept, so merging two samples is
+    exact and the result does not depend on batch sizes."""
+
+    name = "sample"
+
+    def __init__(self, max_rows: int = 512, seed: int = 0) -> None:
+        super().__init__()
+        self.max_rows = max_rows
+        self._gen = torch.Generator().manual_seed(seed)
+        self.rows: torch.Tensor | None = None
+        self.keys = torch.empty(0)
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = _tokens(x).cpu()
+        keys = torch.rand(rows.shape[0], generator=self._gen)
+        self._keep(rows, keys)
+        self.count += rows.shape[0]
+
+    def _keep(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        order = keys.argsort()[: self.max_rows]
+        self.rows, self.keys = rows[order].clone(), keys[order].clone()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.rows is None:
+            raise ValueError("SampleObserver has seen no data")
+        return {"rows": self.rows.clone(), "keys": self.keys.clone(),
+                "max_rows": torch.tensor([self.max_rows], dtype=torch.float32)}
+
+    def merge(self, other: SampleObserver) -> SampleObserver:
+        if other.rows is not None:
+            self._keep(other.rows, other.keys)
+        self.count += other.count
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], count: int) -> SampleObserver:
+        obs = cls(max_rows=int(state["max_rows"].reshape(-1)[0]))
+        obs.rows, obs.keys = state["rows"].float().clone(), state["keys"].float().clone()
+        obs.count = int(count)
+        return obs
+
+
 OBSERVERS: dict[str, type[Observer]] = {
     cls.name: cls for cls in (MinMaxObserver, MeanSquareObserver, HessianObserver, HistogramObserver,
-                              SignedHistogramObserver)
+                              SignedHistogramObserver, SampleObserver)
 }
 
 

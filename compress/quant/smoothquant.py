@@ -42,6 +42,32 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5)
 
 
+def search_alpha(X: torch.Tensor, ch_min: torch.Tensor, ch_max: torch.Tensor, weights: list[torch.Tensor],
+                 grid: int = 11, bits: int = 8) -> tuple[float, dict[float, float]]:
+    """The migration strength for one fold site: the ``alpha`` in ``linspace(0, 1, grid)`` whose W8A8
+    layer output ``Q_a(X / s) Q_w(W s)ᵀ`` is closest (squared error, summed over the linears) to
+    ``X Wᵀ`` on the sampled input rows ``X``. The activation range is the per-tensor min/max over the
+    whole calibration set (``ch_min / s``, ``ch_max / s``), the weights int8 per output channel."""
+    from .activation import ActQuant, affine_params
+    from .awq import fake_quant
+    from .formats import QuantScheme
+
+    X = X.detach().float().cpu()
+    Ws = [W.detach().float().cpu() for W in weights]
+    refs = [X @ W.T for W in Ws]
+    absmax = torch.maximum(ch_min.abs(), ch_max.abs()).float()
+    wscheme = QuantScheme(bits=8, block_size=0, symmetric=True)
+    errors = {}
+    for alpha in torch.linspace(0.0, 1.0, grid).tolist():
+        s = smooth_scales(absmax, Ws, alpha)
+        scale, zp = affine_params((ch_min / s).min(), (ch_max / s).max(), bits)
+        xq = ActQuant(scale, zp, bits).fake_quant(X / s)
+        errors[round(alpha, 4)] = sum(float((xq @ fake_quant(W * s, wscheme).T - r).square().sum())
+                                      for W, r in zip(Ws, refs))
+    best = min(errors, key=errors.get)
+    return best, errors
+
+
 # Llama (pre-LN): per layer, (fold site, linears sharing its output). o_proj's input is not
 # smoothed: with grouped-query attention one v_proj row feeds several query heads (the reason AWQ
 # leaves it too, see awq._GROUPS).
@@ -112,10 +138,12 @@ def _residual_of(model: nn.Module, site: str) -> str | None:
 
 
 @torch.no_grad()
-def smoothquant_(model: nn.Module, act_absmax: Callable[[str], torch.Tensor], alpha: float = 0.5) -> list[dict[str, Any]]:
-    """Smooth every fold site of ``model`` in place; ``act_absmax(linear name)`` is the
-    per-channel abs-max of that linear's input, calibrated before this call. Returns one
-    manifest record per fold site."""
+def smoothquant_(model: nn.Module, act_stats: Callable[[str], dict[str, torch.Tensor]],
+                 alpha: float | str = 0.5, grid: int = 11) -> list[dict[str, Any]]:
+    """Smooth every fold site of ``model`` in place. ``act_stats(linear name)`` holds that linear's
+    input statistics gathered before this call: ``absmax`` (per channel), and for ``alpha="auto"``
+    also ``min``, ``max`` and sampled ``rows``, from which :func:`search_alpha` picks each site's
+    alpha. Returns one manifest record per fold site."""
     records = []
     for site_name, site, names in fold_sites(model):
         linears = [model.get_submodule(n) for n in names]
@@ -123,8 +151,12 @@ def smoothquant_(model: nn.Module, act_absmax: Callable[[str], torch.Tensor], al
             raise EdgeCompressError(f"SmoothQuant needs float nn.Linear layers, but {names[0]} is "
                                     f"{type(linears[0]).__name__}",
                                     hint="put the smoothquant step before the quantize step")
-        a = act_absmax(names[0])
-        s = smooth_scales(a, [m.weight for m in linears], alpha)
+        stats = act_stats(names[0])
+        a = stats["absmax"]
+        site_alpha = alpha
+        if alpha == "auto":
+            site_alpha, _ = search_alpha(stats["rows"], stats["min"], stats["max"], [m.weight for m in linears], grid)
+        s = smooth_scales(a, [m.weight for m in linears], site_alpha)
         if isinstance(site, nn.Linear):
             fold_scales_into_linear(site, linears[0], s)
         else:
@@ -135,7 +167,7 @@ def smoothquant_(model: nn.Module, act_absmax: Callable[[str], torch.Tensor], al
         before = float(a.max() / a.clamp(min=1e-8).median())
         after = float((a / s).max() / (a / s).clamp(min=1e-8).median())
         log.debug("SmoothQuant %s -> %s: act max/median %.1f -> %.1f", site_name, names, before, after)
-        records.append({"step": "smoothquant", "scaled_from": site_name, "modules": names, "alpha": alpha,
+        records.append({"step": "smoothquant", "scaled_from": site_name, "modules": names, "alpha": site_alpha,
                         "act_peak_to_median_before": before, "act_peak_to_median_after": after,
                         "s_min": float(s.min()), "s_max": float(s.max())})
     return records
