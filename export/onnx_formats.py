@@ -151,6 +151,8 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
                               (n, k), p.block_size, dict(names))
         elif p.bits == 8:
             y, fmt = _emit_int8_qdq(g, x, p, base, opts)
+            if cache.get(p) is not None and cache.owner.get(id(p)) != base:
+                fmt.shared_with = [cache.owner[id(p)]]  # same parameters, stored again transposed
             if mod.act is not None:
                 fmt.format += f"-a{mod.act.bits}"
                 fmt.onnx_op = "QuantizeLinear+DequantizeLinear+" + fmt.onnx_op
@@ -290,7 +292,7 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
             raise NotImplementedError(f"{base}: no ONNX form for {p.bits}-bit embeddings (GatherBlockQuantized "
                                       "takes 4 or 8 bits); quantize the embedding separately at 4 or 8 bits")
         if p.bits == 8 and p.n_blocks == 1 and not matmulnbits_ok(p):
-            return _emit_int8_row_embedding(g, ids, p, base, opts)
+            return _emit_int8_row_embedding(g, ids, p, base, opts, cache)
         qname = g.initializer(f"{base}.qweight", _np(p.qweight))
         _, s2d, sbytes = _scale_tensor(g, base, _np(p.scales), opts)  # [V, n_blocks], shared with a tied head
         s = g.op("Unsqueeze", s2d, g.const("axes2", np.array([2], np.int64)), name=f"{base}/scales_3d")
@@ -326,7 +328,7 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
 
 
 def _emit_int8_row_embedding(g: GraphBuilder, ids: str, p: BlockQuantizedTensor, base: str,
-                             opts: EmitOptions) -> tuple[str, LayerFormat]:
+                             opts: EmitOptions, cache: WeightCache) -> tuple[str, LayerFormat]:
     """int8 rows with one scale each (a row length ``GatherBlockQuantized`` cannot block): gather the
     codes and the row scales, ``(q - zp) * scale`` in standard ops."""
     v, h = p.shape
@@ -344,6 +346,7 @@ def _emit_int8_row_embedding(g: GraphBuilder, ids: str, p: BlockQuantizedTensor,
         rows = g.op("Sub", rows, g.op("Gather", zp, ids, name=f"{base}/gather_zp", axis=0), name=f"{base}/sub_zp")
     out = g.op("Mul", rows, g.op("Gather", s, ids, name=f"{base}/gather_scales", axis=0), name=f"{base}/dequantize")
     nbytes = v * h + sbytes + zbytes
+    cache.put(p, {"row_codes": q}, base)  # a tied head stores its own transposed copy (QDQ); counted once
     return out, LayerFormat(base, f"int8-row-{'sym' if p.symmetric else 'asym'}", "Gather+Mul", 8 * nbytes / (v * h),
                             v * h, nbytes, shape=(v, h), block_size=p.block_size,
                             initializers={"qweight": q, "scales": s} | ({"zero_points": zp} if zbytes else {}))
