@@ -28,7 +28,7 @@ from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
 from edgecompress.compress.quant.sequential import apply_awq, apply_gptq
 
 from .artifact import Artifact, atomic_folder, update_manifest, write_manifest
-from .bench import bench_in_subprocess
+from .bench import bench_in_subprocess, peak_rss_mb
 from .check import apply_thresholds, evaluate
 from .data import fingerprint_tokens, load_text, sentence_batches, token_windows
 from .errors import ArtifactError, EdgeCompressError
@@ -260,6 +260,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
             timings["bench_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
         report["timings"] = {k: round(v, 2) for k, v in timings.items()}
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)  # of this process: load, calibration, steps, export, check
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
     report["out"] = str(dest)
     if check_result is not None:

@@ -50,5 +50,5 @@ def print_report(report: dict[str, Any]) -> None:
                     f"{c['reference_perplexity']:.3f} (ratio {c['perplexity_ratio']:.4f}), KL {c['kl']:.4f}, "
                     f"top-1 agreement {c['top1_agreement']:.4f}")
         console.print(f"check of [bold]{c['export']}[/] on {c['runtime']} ({what} -> {status}", highlight=False)
-    console.print(f"timings: {report['timings']}", highlight=False)
+    console.print(f"timings: {report['timings']}, peak RSS {report.get('peak_rss_mb', '-')} MB", highlight=False)
     console.print(f"report: {report['out']}/report.json", highlight=False)
