@@ -246,38 +246,35 @@ def _emit_int8_qdq(g: GraphBuilder, x: str, p: BlockQuantizedTensor, base: str,
     return y, fmt
 
 
+def _emit_custom(g: GraphBuilder, x: str, p: BlockQuantizedTensor | FP4Tensor, base: str, opts: EmitOptions,
+                 op: str, function, label: str) -> tuple[str, LayerFormat]:
+    """``edgecompress::<op>(x, packed codes, scales)`` with its function body added to the model once."""
+    n, k = p.shape
+    if not any(f.domain == custom.DOMAIN and f.name == op for f in g.functions):
+        g.functions.append(function())
+    b = g.initializer(f"{base}.qweight", _np(p.qweight))
+    _, s, sbytes = _scale_tensor(g, base, _np(p.scales), opts)
+    y = g.op(op, x, b, s, name=f"{base}/{op}", domain=custom.DOMAIN)
+    g.value_info.append(helper.make_tensor_value_info(y, FLOAT, None))
+    nbytes = p.qweight.numel() + sbytes
+    return y, LayerFormat(base, label, f"{custom.DOMAIN}::{op}", 8 * nbytes / (n * k), n * k, nbytes,
+                          shape=(n, k), block_size=p.block_size, initializers={"B": b, "scales": s})
+
+
 def _emit_block_quantized_custom(g: GraphBuilder, x: str, p: BlockQuantizedTensor, base: str,
                                  opts: EmitOptions) -> tuple[str, LayerFormat]:
     """3-bit weights as ``edgecompress::MatMulBlockQuantized`` with its function body in the model."""
     if not p.symmetric:
         raise NotImplementedError(f"{base}: 3-bit export is symmetric only; set symmetric: true")
-    n, k = p.shape
-    if not any(f.domain == custom.DOMAIN and f.name == custom.MATMUL_BQ for f in g.functions):
-        g.functions.append(custom.matmul_block_quantized_function(g.opset))
-    b = g.initializer(f"{base}.qweight", _np(p.qweight))
-    _, s, sbytes = _scale_tensor(g, base, _np(p.scales), opts)
-    y = g.op(custom.MATMUL_BQ, x, b, s, name=f"{base}/{custom.MATMUL_BQ}", domain=custom.DOMAIN)
-    g.value_info.append(helper.make_tensor_value_info(y, FLOAT, None))
-    nbytes = p.qweight.numel() + sbytes
-    return y, LayerFormat(base, f"int3-b{p.block_size}-sym", f"{custom.DOMAIN}::{custom.MATMUL_BQ}",
-                          8 * nbytes / (n * k), n * k, nbytes, shape=(n, k), block_size=p.block_size,
-                          initializers={"B": b, "scales": s})
+    return _emit_custom(g, x, p, base, opts, custom.MATMUL_BQ,
+                        lambda: custom.matmul_block_quantized_function(g.opset), f"int3-b{p.block_size}-sym")
 
 
 def _emit_fp4_custom(g: GraphBuilder, x: str, p: FP4Tensor, base: str,
                      opts: EmitOptions) -> tuple[str, LayerFormat]:
     """fp4 (E2M1) weights as ``edgecompress::MatMulFP4`` with its function body in the model."""
-    n, k = p.shape
-    if not any(f.domain == custom.DOMAIN and f.name == custom.MATMUL_FP4 for f in g.functions):
-        g.functions.append(custom.matmul_fp4_function(g.opset, E2M1_VALUES.numpy()))
-    b = g.initializer(f"{base}.qweight", _np(p.qweight))
-    _, s, sbytes = _scale_tensor(g, base, _np(p.scales), opts)
-    y = g.op(custom.MATMUL_FP4, x, b, s, name=f"{base}/{custom.MATMUL_FP4}", domain=custom.DOMAIN)
-    g.value_info.append(helper.make_tensor_value_info(y, FLOAT, None))
-    nbytes = p.qweight.numel() + sbytes
-    return y, LayerFormat(base, f"fp4-e2m1-b{p.block_size}", f"{custom.DOMAIN}::{custom.MATMUL_FP4}",
-                          8 * nbytes / (n * k), n * k, nbytes, shape=(n, k), block_size=p.block_size,
-                          initializers={"B": b, "scales": s})
+    return _emit_custom(g, x, p, base, opts, custom.MATMUL_FP4,
+                        lambda: custom.matmul_fp4_function(g.opset, E2M1_VALUES.numpy()), f"fp4-e2m1-b{p.block_size}")
 
 
 def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: EmitOptions,
