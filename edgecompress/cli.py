@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeCompressError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
+    except NotImplementedError as e:  # a combination this release does not support; the message names the fix
+        console.print(f"[bold red]error:[/] not supported: {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing half-written was left behind")
         return 130

@@ -87,3 +87,14 @@ def test_bad_w8a8_and_fp4_steps_are_refused_with_the_fix(tmp_path, capsys, step,
     recipe.write_text(LLAMA % f"[{step}]")
     assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_gptq_on_an_encoder_is_refused_with_the_fix(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((BERT_W8A8 % ("minmax", "")).replace(
+        "  - smoothquant: {alpha: 0.5}\n  - quantize: {preset: w8a8, activations: {observer: minmax}}",
+        "  - quantize: {method: gptq, bits: 4, group_size: 32}"))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "--no-bench"]) == 2
+    err = capsys.readouterr().err
+    assert "not supported" in err and "use method: rtn" in err
+    assert not (tmp_path / "out" / "tiny-bert-w8a8").exists()

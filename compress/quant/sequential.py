@@ -39,8 +39,8 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     inner = getattr(model, "model", None)
     blocks = getattr(inner, "layers", None)
     if not isinstance(blocks, nn.ModuleList):
-        raise NotImplementedError(f"{type(model).__name__}: calibration-driven quantization needs a decoder "
-                                  "with model.layers (Llama family)")
+        raise NotImplementedError(f"{type(model).__name__}: GPTQ/AWQ/mixed precision need a decoder with "
+                                  "model.layers (Llama family); use method: rtn for this model")
     return blocks
 
 
