@@ -7,7 +7,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from edgecompress.compress.calibration.observers import MeanObserver, RowsObserver
 from edgecompress.compress.steer import (
     SteerConfig,
@@ -20,6 +19,7 @@ from edgecompress.compress.steer import (
     search_strength,
     unit,
 )
+
 from edgecompress.errors import EdgeCompressError
 
 
@@ -69,7 +69,7 @@ def test_pca_of_paired_differences_equals_numpy(tiny_llama):
     pos = np.stack([hidden_after_layer0(tiny_llama, p)[-1] for p in POS])
     neg = np.stack([hidden_after_layer0(tiny_llama, p)[-1] for p in NEG])
     d = pos - neg
-    w, vecs = np.linalg.eigh(d.T @ d / len(d))
+    _, vecs = np.linalg.eigh(d.T @ d / len(d))
     u = vecs[:, -1] * np.sign((d @ vecs[:, -1]).mean())
     want = u * (d @ u).mean()
     got = directions(tiny_llama, POS, NEG, SteerConfig(layers=(0,), method="pca", strength=1.0))[0]["v"]
@@ -215,3 +215,182 @@ def test_bad_input_errors(tiny_llama):
 def test_unequal_sets_are_fine_for_difference_of_means(tiny_llama):
     v = directions(tiny_llama, POS, NEG[:3], SteerConfig(layers=(0,), strength=1.0))[0]["v"]
     assert torch.isfinite(v).all() and float(v.norm()) > 0
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def _steer_recipe(step: str) -> str:
+    return f"name: s\nmodel:\n  source: tiny-llama\nsteps:\n  - steer: {step}\nexport:\n  - format: onnx\n"
+
+
+def _steer_errors(step: str) -> str:
+    from edgecompress.errors import RecipeError
+    from edgecompress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(_steer_recipe(step), "x.yaml")
+    return str(info.value)
+
+
+def test_steer_step_parses_with_defaults():
+    from edgecompress.recipe import SteerStep, parse_recipe, recipe_to_dict
+
+    r = parse_recipe(_steer_recipe("{pairs: builtin:concise-pairs, layers: 3, kl_bound: 0.1}"))
+    s = r.steps[0]
+    assert isinstance(s, SteerStep) and s.layers == (3,) and s.mode == "add" and s.method == "mean_diff"
+    assert s.position == "last" and s.strength is None and s.chat is True
+    assert parse_recipe(__import__("json").dumps(recipe_to_dict(r))) == r
+
+
+@pytest.mark.parametrize("step, message", [
+    ("{layers: [1], strength: 1.0}", "steps[0].steer.positive: missing prompt set"),
+    ("{pairs: p.jsonl, positive: a.txt, negative: b.txt, layers: [1], strength: 1.0}",
+     "steps[0].steer.pairs: give pairs, or positive and negative, not both"),
+    ("{pairs: p.jsonl, layers: [1]}", "steps[0].steer.strength: mode add needs strength"),
+    ("{pairs: p.jsonl, layers: [1, 2], mode: ablate}", "steps[0].steer.layers: ablate reads one direction"),
+    ("{pairs: p.jsonl, layers: [1], mode: ablate, strength: 2.0}", "steps[0].steer.strength: ablate has no strength"),
+    ("{pairs: p.jsonl, layers: [1], strength: 0.0}", "strength 0 does nothing"),
+    ("{pairs: p.csv, layers: [1], strength: 1.0}", "steps[0].steer.pairs: 'p.csv' is not a prompt source"),
+    ("{pairs: p.jsonl, layers: [-1], strength: 1.0}", "steps[0].steer.layers[0]: must be >= 0"),
+    ("{pairs: p.jsonl, layers: [1], strength: 1.0, mode: steer}", "steps[0].steer.mode: 'steer' is not one of"),
+    ("{pairs: p.jsonl, layer: [1], strength: 1.0}", "unknown key; valid keys: chat, eval_prompts"),
+])
+def test_steer_step_errors_name_the_key_and_fix(step, message):
+    assert message in _steer_errors(step)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _export(lm, path):
+    from edgecompress.export.onnx_export import export_causal_lm
+
+    from edgecompress.artifact import Artifact, write_manifest
+
+    body = export_causal_lm(lm.model, path, accuracy_level=0)
+    lm.save_hf_files(path, model=lm.model)
+    write_manifest(path, {"task": "causal-lm", **body})
+    return Artifact.load(path)
+
+
+@pytest.mark.parametrize("mode", ["add", "ablate", "clamp"])
+def test_exported_onnx_and_torch_runtime_equal_the_baked_model(tmp_path, mode):
+    """ORT runs the baked artifact (bias as MatMul + Add; untied head) like the torch model; the
+    torch runtime rebuilds it from config (mlp_bias, tie_word_embeddings) + initializers."""
+    from edgecompress.runtimes import open_runtime
+
+    from edgecompress.models import load_model
+
+    lm = load_model("tiny-llama")
+    strength = {"add": 4.0, "ablate": None, "clamp": 1.0}[mode]
+    apply_steering(lm.model, POS, NEG, SteerConfig(layers=(1,), mode=mode, strength=strength))
+    art = _export(lm, tmp_path)
+    ops = art.manifest["onnx"]["op_counts"]
+    ids = torch.randint(0, 260, (1, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = lm.model(input_ids=ids, use_cache=False).logits[0].numpy()
+    got = open_runtime("ort-cpu", art).logits(ids[0].numpy())
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(open_runtime("torch", art).logits(ids[0].numpy()), want, atol=1e-4, rtol=0)
+    config = art.config()
+    if mode == "add":
+        assert config.mlp_bias is True and "model.layers.1.mlp.down_proj.bias" in {
+            i for layer in art.manifest["layers"] for i in layer["initializers"].values()}
+        assert ops["Add"] >= 1
+    else:
+        assert config.tie_word_embeddings is False
+        assert not getattr(config, "mlp_bias", False)
+    # generation through the KV cache follows the same model
+    gen = open_runtime("ort-cpu", art).generate(list(ids[0, :8].tolist()), 6)
+    with torch.no_grad():
+        ref = lm.model.generate(ids[:, :8], max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                                pad_token_id=3, eos_token_id=None)[0, 8:].tolist()
+    assert gen.tokens == ref
+
+
+def test_quantize_after_steer_keeps_the_bias(tmp_path):
+    from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
+    from edgecompress.runtimes import open_runtime
+
+    from edgecompress.models import load_model
+
+    lm = load_model("tiny-llama")
+    apply_steering(lm.model, POS, NEG, SteerConfig(layers=(0,), strength=4.0))
+    bias = lm.model.model.layers[0].mlp.down_proj.bias.detach().clone()
+    apply_rtn(lm.model, RTNConfig(bits=4, group_size=32))
+    assert torch.equal(lm.model.model.layers[0].mlp.down_proj.bias, bias)
+    art = _export(lm, tmp_path)
+    ids = torch.randint(0, 260, (1, 15), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = lm.model(input_ids=ids, use_cache=False).logits[0].numpy()
+    np.testing.assert_allclose(open_runtime("ort-cpu", art).logits(ids[0].numpy()), want, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- pipeline and CLI
+
+
+def test_bundled_eval_prompts_are_disjoint_from_the_direction_prompts():
+    from edgecompress.data import builtin_prompt_sets, load_prompt_pairs, load_prompts
+
+    assert {"concise-pairs", "concise-eval", "sentiment-pairs", "sentiment-eval"} <= set(builtin_prompt_sets())
+    for task in ("concise", "sentiment"):
+        pos, neg = load_prompt_pairs(f"builtin:{task}-pairs")
+        held_out = load_prompts(f"builtin:{task}-eval")
+        assert len(pos) == len(neg) >= 16 and len(held_out) >= 16
+        for q in held_out:
+            assert not any(q.rstrip("?.") in p for p in pos + neg), q
+
+
+def test_prompt_files_errors(tmp_path):
+    from edgecompress.data import load_prompt_pairs, load_prompts
+    from edgecompress.errors import DataError
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="is empty"):
+        load_prompts(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"positive": "a"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1: expected a JSON object with string fields positive, negative"):
+        load_prompt_pairs(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(DataError, match="no bundled prompt set 'builtin:nope'"):
+        load_prompts("builtin:nope")
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
+
+
+def test_recipe_run_records_the_direction_and_steer_eval_reports(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from edgecompress.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-llama-steer.yaml"
+    assert main(["run", str(recipe), "-o", str(tmp_path), "--no-bench"]) == 0
+    capsys.readouterr()
+    art = tmp_path / "tiny-llama-steer" / "int4"
+    m = json.loads((art / "manifest.json").read_text())
+    steer, quant = m["steps"]
+    assert steer["step"] == "steer" and quant["step"] == "quantize"
+    (rec,) = steer["modules"]
+    assert rec["layer"] == 1 and rec["mode"] == "add" and rec["method"] == "mean_diff" and rec["strength"] == 4.0
+    assert rec["module"] == "model.layers.1.mlp.down_proj" and rec["norm"] > 0 and len(rec["direction"]) == 64
+    assert rec["neutral_kl"] >= 0 and rec["prompts"] == {"positive": 32, "negative": 32}
+    assert json.loads((art / "config.json").read_text())["mlp_bias"] is True
+    assert json.loads((tmp_path / "tiny-llama-steer" / "fp32" / "config.json").read_text())["mlp_bias"] is False
+    assert main(["steer-eval", str(art), "--limit", "2", "--max-new-tokens", "4", "--windows", "1",
+                 "--seq-len", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("length_reduction", "mean_length", "reference_mean_length", "sentiment_shift", "lexicon_shift",
+                "perplexity_ratio", "kl"):
+        assert key in out, key
+    assert out["prompts"] == 2 and out["prompts_source"] == "builtin:concise-eval" and out["kl"] > 0
+    assert out["steer"][0]["strength"] == 4.0
+
+
+def test_steer_eval_needs_prompts_when_the_artifact_names_none(tmp_path, capsys):
+    from edgecompress.cli import main
+    from edgecompress.models import load_model
+
+    _export(load_model("tiny-llama"), tmp_path)
+    assert main(["steer-eval", str(tmp_path), "--json"]) == 2
+    assert "pass --prompts FILE" in capsys.readouterr().err

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from edgecompress.compress.calibration.driver import StatRequest, calibrate
 from edgecompress.compress.calibration.store import StatsStore
+from torch import nn
+
 from edgecompress.errors import EdgeCompressError
 
 from . import bake
@@ -186,7 +186,7 @@ def apply_steering(model: nn.Module, pos: Sequence[torch.Tensor], neg: Sequence[
         raise EdgeCompressError("steer: kl_bound needs neutral text windows")
     found = directions(model, pos, neg, cfg)
     ref = log_probs(model, neutral) if neutral is not None else None
-    kl_at: Callable[[float], float] = lambda _a: float("nan")  # noqa: E731
+    kl_at: Callable[[float], float] = lambda _a: float("nan")
 
     extra: dict = {}
     if cfg.mode == "add":

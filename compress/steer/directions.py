@@ -16,6 +16,8 @@ Computed in float64, returned as float32.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -45,6 +47,6 @@ def pca_of_differences(pos_rows: torch.Tensor, neg_rows: torch.Tensor) -> torch.
 def unit(v: torch.Tensor) -> torch.Tensor:
     """``v / |v|`` (float64 norm); a zero vector is an error (the two sets do not differ)."""
     n = float(v.double().norm())
-    if n == 0.0 or n != n:
+    if n == 0.0 or not math.isfinite(n):
         raise ValueError("the steering direction is zero (or not finite): the two prompt sets give the same activations")
     return (v.double() / n).float()
