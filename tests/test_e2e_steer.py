@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from edgecompress.compress.steer import added_to_stream
+from edgecompress.runtimes import open_runtime
 
 from edgecompress.artifact import Artifact
-from edgecompress.compress.steer import added_to_stream
 from edgecompress.data import load_prompts
 from edgecompress.models import load_model
 from edgecompress.pipeline import run_recipe
 from edgecompress.recipe import parse_recipe
-from edgecompress.runtimes import open_runtime
 from edgecompress.steer_eval import answers, runtime_generate_fn
 
 pytestmark = pytest.mark.slow
