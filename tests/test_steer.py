@@ -394,3 +394,16 @@ def test_steer_eval_needs_prompts_when_the_artifact_names_none(tmp_path, capsys)
     _export(load_model("tiny-llama"), tmp_path)
     assert main(["steer-eval", str(tmp_path), "--json"]) == 2
     assert "pass --prompts FILE" in capsys.readouterr().err
+
+
+def test_pooled_requests_keep_the_store_key_of_unpooled_ones():
+    from edgecompress.compress.calibration.driver import StatRequest
+    from edgecompress.errors import RecipeError
+
+    assert "tokens" not in StatRequest("x", "mean").to_dict()  # stores saved before pooling existed still match
+    assert StatRequest("x", "mean", tokens="last").to_dict()["tokens"] == "last"
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    assert torch.equal(StatRequest("x", "rows", tokens="last").pool(x), x[:, -1])
+    assert torch.equal(StatRequest("x", "rows", tokens="mean").pool(x), x.mean(1))
+    with pytest.raises(RecipeError, match="tokens must be"):
+        StatRequest("x", "mean", tokens="first")
