@@ -60,6 +60,13 @@ def vectors(manifest: dict) -> dict[int, torch.Tensor]:
     return out
 
 
+def run(recipe, out: Path) -> None:
+    try:
+        run_recipe(recipe, out, force=True, progress=False, bench=False)
+    except CheckFailed as e:  # everything is written; the check's numbers are in the report
+        log.warning("%s: %s", recipe.name, e)
+
+
 def headline(e: dict, task: str) -> float:
     return e["length_reduction"] if task == "concise" else e["sentiment_shift"]
 
@@ -76,6 +83,7 @@ def main() -> None:
                     help="strengths as multiples of the recipe's (searched) strength; empty: no sweep")
     ap.add_argument("--sweep-prompts", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("out/steer-bench"))
+    ap.add_argument("--reuse", action="store_true", help="reuse the run folders already under --out")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -88,10 +96,10 @@ def main() -> None:
     for name in names:
         recipe = load_recipe(RECIPES / f"{name}.yaml")
         t = time.perf_counter()
-        try:
-            run_recipe(recipe, args.out, force=True, progress=False, bench=False)
-        except CheckFailed as e:  # everything is written; the check's numbers are in the report
-            log.warning("%s: %s", name, e)
+        if args.reuse and (args.out / name / "report.json").is_file():
+            log.info("reusing %s", args.out / name)
+        else:
+            run(recipe, args.out)
         res.setdefault("pipeline_s", {})[name] = round(time.perf_counter() - t, 1)
         for spec in recipe.export:
             arts[spec.name] = Artifact.load(args.out / name / spec.name)

@@ -12,7 +12,7 @@ from edgecompress.compress.steer import added_to_stream
 from edgecompress.runtimes import open_runtime
 
 from edgecompress.artifact import Artifact
-from edgecompress.data import load_prompts
+from edgecompress.data import load_prompts, load_text, token_windows
 from edgecompress.models import load_model
 from edgecompress.pipeline import run_recipe
 from edgecompress.recipe import parse_recipe
@@ -32,19 +32,24 @@ def test_concise_steering_is_baked_exported_and_shortens_answers(tmp_path):
     (rec,) = [r for s in steered.manifest["steps"] if s["step"] == "steer" for r in s["modules"]]
     assert rec["strength"] > 0 and rec["neutral_kl"] <= spec["steps"][0]["steer"]["kl_bound"]
 
-    # the baked ONNX artifact equals the unsteered model with the vector added by a hook
+    # the baked ONNX artifact equals the unsteered model with the vector added by a hook, to within
+    # 1e-4 or the difference ORT and torch already have on the unsteered model, whichever is larger
     reference = load_model("smollm2-135m").model
+    tok = steered.tokenizer()
+    ids = token_windows(tok, load_text("pydoc:eval"), 64, 1, seed=0)[0]
+    fp32 = Artifact.load(tmp_path / spec["name"] / "fp32")
+    with torch.no_grad():
+        floor = float(np.abs(open_runtime("ort-cpu", fp32).logits(ids.numpy())
+                             - reference(input_ids=ids[None], use_cache=False).logits[0].numpy()).max())
     v = torch.tensor(rec["direction"]) * rec["norm"] * rec["strength"]
-    ids = torch.randint(0, 49152, (48,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), added_to_stream(reference, {rec["layer"]: v}):
         hooked = reference(input_ids=ids[None], use_cache=False).logits[0].numpy()
     baked = open_runtime("ort-cpu", steered).logits(ids.numpy())
-    np.testing.assert_allclose(baked, hooked, atol=1e-4, rtol=0)
+    assert float(np.abs(baked - hooked).max()) <= max(1e-4, 1.5 * floor)
+    assert float(np.abs(hooked - reference(input_ids=ids[None], use_cache=False).logits[0].detach().numpy()).max()) > 0.1
 
     # and its answers to held-out prompts are shorter than the unsteered model's
-    tok = steered.tokenizer()
-    prompts = load_prompts("builtin:concise-eval")[:3]
-    ref = answers(runtime_generate_fn(open_runtime("ort-cpu", Artifact.load(tmp_path / spec["name"] / "fp32"))),
-                  tok, prompts, 48)
-    got = answers(runtime_generate_fn(open_runtime("ort-cpu", steered)), tok, prompts, 48)
+    prompts = load_prompts("builtin:concise-eval")[:4]
+    ref = answers(runtime_generate_fn(open_runtime("ort-cpu", fp32)), tok, prompts, 96)
+    got = answers(runtime_generate_fn(open_runtime("ort-cpu", steered)), tok, prompts, 96)
     assert sum(a["tokens"] for a in got) < sum(a["tokens"] for a in ref)
