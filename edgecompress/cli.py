@@ -76,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_threads(p, None)
 
+    p = sub.add_parser("steer-eval", help="effect of baked steering on held-out prompts (answer length, "
+                       "sentiment) and its side effect on neutral text (perplexity, KL), vs the unsteered model")
+    p.add_argument("artifact", type=Path, help="artifact folder of a recipe with a steer step")
+    _add_runtime(p)
+    p.add_argument("--prompts", default=None,
+                   help="held-out prompts: .txt (one per line), .jsonl or builtin:NAME (default: the steer step's eval_prompts)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer budget in tokens (default 128)")
+    p.add_argument("--data", default="pydoc:eval", help="neutral held-out text for perplexity/KL (default pydoc:eval)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per neutral window (default 256)")
+    p.add_argument("--windows", type=int, default=4, help="neutral windows (default 4)")
+    p.add_argument("--reference", default=None, help="unsteered model (default: the source in the manifest)")
+    p.add_argument("--no-judge", action="store_true", help="skip the MiniLM sentiment judge")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with every answer) on stdout")
+    _add_threads(p, None)
+
     p = sub.add_parser("models", help="the bundled models and where they come from")
     p.add_argument("--json", action="store_true")
 
@@ -201,6 +217,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _steer_eval_prompts(art, given: str | None) -> str:
+    if given:
+        return given
+    for step in art.manifest.get("steps") or []:
+        if step.get("step") == "steer" and (step.get("config") or {}).get("eval_prompts"):
+            return step["config"]["eval_prompts"]
+    raise EdgeCompressError(f"{art.path} names no held-out prompts (its recipe has no steer step with eval_prompts)",
+                            hint="pass --prompts FILE (.txt one prompt per line, .jsonl, or builtin:NAME)")
+
+
+def cmd_steer_eval(args) -> int:
+    from .artifact import Artifact
+    from .data import load_prompts, load_text, token_windows
+    from .models import load_model
+    from .steer_eval import SentimentJudge, answers, effect, runtime_generate_fn, side_effect, torch_generate_fn
+    from edgecompress.runtimes import open_runtime
+
+    art = Artifact.load(args.artifact)
+    source = _steer_eval_prompts(art, args.prompts)
+    prompts = load_prompts(source)[: args.limit]
+    tok = art.tokenizer()
+    ref_spec = args.reference or art.manifest["model"]["spec"]
+    console.log(f"reference (unsteered): {ref_spec}; prompts: {source} ({len(prompts)})")
+    reference = load_model(ref_spec, allow_code=False).model
+    rt = open_runtime(args.runtime, art, threads=args.threads)
+    show = enabled_by_default()
+    steered = answers(runtime_generate_fn(rt), tok, prompts, args.max_new_tokens, what="steered answers", progress=show)
+    unsteered = answers(torch_generate_fn(reference), tok, prompts, args.max_new_tokens, what="reference answers",
+                        progress=show)
+    judge = None if args.no_judge else SentimentJudge()
+    out: dict = {"artifact": str(art.path), "runtime": args.runtime, "prompts_source": source,
+                 "max_new_tokens": args.max_new_tokens, **effect(steered, unsteered, judge)}
+    windows = token_windows(tok, load_text(args.data), args.seq_len, args.windows, seed=0)
+    out.update({"neutral_data": args.data, **side_effect(rt.logits, reference, windows, progress=show)})
+    out["steer"] = [{k: r.get(k) for k in ("layer", "mode", "method", "position", "strength", "norm", "neutral_kl")}
+                    for step in art.manifest.get("steps") or [] if step.get("step") == "steer"
+                    for r in step.get("modules") or []]
+    out["answers"] = [{"prompt": s["prompt"], "steered": s, "reference": r} for s, r in zip(steered, unsteered)]
+    if args.json:
+        _print_json(out)
+    else:
+        from .report import print_metrics
+
+        print_metrics({k: v for k, v in out.items() if k not in ("answers", "steer")})
+        for a in out["answers"][:3]:
+            console.print(f"[bold]{escape(a['prompt'])}[/]\n  steered ({a['steered']['tokens']} tok): "
+                          f"{escape(a['steered']['text'][:300])}\n  reference ({a['reference']['tokens']} tok): "
+                          f"{escape(a['reference']['text'][:300])}", highlight=False)
+    return 0
+
+
 def cmd_models(args) -> int:
     from dataclasses import asdict
 
@@ -232,7 +299,7 @@ def cmd_explain(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "check": cmd_check, "bench": cmd_bench, "generate": cmd_generate,
-            "models": cmd_models, "explain": cmd_explain}
+            "steer-eval": cmd_steer_eval, "models": cmd_models, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,4 +264,89 @@ def sentence_batches(tokenizer: Any, source: str, n: int, *, max_len: int = 128,
         enc = tokenizer(sentences[i: i + batch_size], padding=True, truncation=True, max_length=max_len,
                         return_tensors="pt")
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+
+# ----------------------------------------------------------------------------- prompt sets
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+_PROMPTS_HINT = ("use a .txt file (one prompt per line), a .jsonl file ({\"text\": ...} per line; pairs: "
+                 "{\"positive\": ..., \"negative\": ...}) or builtin:NAME")
+
+
+def builtin_prompt_sets() -> list[str]:
+    """Names of the bundled prompt sets (``builtin:NAME``)."""
+    return sorted(p.stem for p in PROMPTS_DIR.glob("*.jsonl"))
+
+
+def _prompt_file(source: str) -> Path:
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        path = PROMPTS_DIR / f"{name}.jsonl"
+        if not path.is_file():
+            raise DataError(f"no bundled prompt set {source!r}",
+                            hint="bundled sets: " + ", ".join(f"builtin:{n}" for n in builtin_prompt_sets()))
+        return path
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"prompt file not found: {path}", hint=_PROMPTS_HINT)
+    if path.suffix.lower() not in (".txt", ".jsonl"):
+        raise DataError(f"unsupported prompt file type {path.suffix or '(none)'!r}: {path}", hint=_PROMPTS_HINT)
+    return path
+
+
+def _jsonl_items(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    items = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})", hint=_PROMPTS_HINT) from exc
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in keys):
+            raise DataError(f"{path}:{lineno}: expected a JSON object with string fields {', '.join(keys)}",
+                            hint=_PROMPTS_HINT)
+        items.append(item)
+    return items
+
+
+def load_prompts(source: str) -> list[str]:
+    """One prompt per non-empty line of a .txt file, or per ``"text"`` of a .jsonl file (or ``builtin:NAME``).
+
+    An empty set is a DataError naming the source.
+    """
+    path = _prompt_file(source)
+    if path.suffix.lower() == ".txt":
+        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    else:
+        prompts = [it["text"] for it in _jsonl_items(path, ("text",))]
+    if not prompts:
+        raise DataError(f"prompt set {source!r} is empty", hint="give at least one prompt (a few dozen steer well)")
+    return prompts
+
+
+def load_prompt_pairs(source: str) -> tuple[list[str], list[str]]:
+    """(positive, negative) prompts from a .jsonl of ``{"positive": ..., "negative": ...}`` lines."""
+    path = _prompt_file(source)
+    if path.suffix.lower() != ".jsonl":
+        raise DataError(f"paired prompts must be a .jsonl file, got {path.name}",
+                        hint='one {"positive": ..., "negative": ...} object per line; or use positive: and negative:')
+    items = _jsonl_items(path, ("positive", "negative"))
+    if not items:
+        raise DataError(f"prompt set {source!r} is empty", hint="give at least one pair (a few dozen steer well)")
+    return [it["positive"] for it in items], [it["negative"] for it in items]
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], *, chat: bool) -> list[torch.Tensor]:
+    """Token ids of each prompt; with ``chat`` as a user message in the chat template, the
+    assistant's turn opened after it (so the last token is where the answer starts)."""
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise DataError("this tokenizer has no chat template", hint="set chat: false in the steer step")
+    out = []
+    for p in prompts:
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        else:
+            ids = tokenizer(p)["input_ids"]
+        out.append(torch.tensor(list(ids), dtype=torch.long))
     return out

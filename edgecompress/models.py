@@ -73,12 +73,15 @@ class LoadedModel:
     source: dict  # provenance for the artifact manifest
     hf_folder: Path | None  # folder holding config.json + tokenizer files, when there is one
 
-    def save_hf_files(self, dest: Path) -> list[Path]:
+    def save_hf_files(self, dest: Path, model: nn.Module | None = None) -> list[Path]:
         """Write config.json, tokenizer files (and generation_config.json) into ``dest``.
 
+        ``model`` (default: the loaded one) is the model whose config is written: a compressed copy
+        may differ from the loaded model (a steer step sets ``mlp_bias``, unties the LM head).
         Returns the written files; an empty list for models without a HF config (EfficientNet).
         """
-        hf_model = self.model.bert if isinstance(self.model, SentenceEncoder) else self.model
+        model = self.model if model is None else model
+        hf_model = model.bert if isinstance(model, SentenceEncoder) else model
         config = getattr(hf_model, "config", None)
         if config is None or not hasattr(config, "save_pretrained"):
             return []

@@ -30,11 +30,13 @@ from edgecompress.compress.quant.sequential import apply_awq, apply_gptq
 from .artifact import Artifact, atomic_folder, update_manifest, write_manifest
 from .bench import bench_in_subprocess, peak_rss_mb
 from .check import apply_thresholds, evaluate
-from .data import fingerprint_tokens, load_text, sentence_batches, token_windows
+from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_prompts, load_text, sentence_batches,
+                   token_windows)
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep, recipe_to_dict
+from .recipe import (AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep, SteerStep,
+                     recipe_to_dict)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class StepContext:
     store: StatsStore
     progress: bool
     batch_size: int = 1
+    tokenizer: Any = None
 
 
 def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
@@ -123,11 +126,33 @@ def _apply_mixed(model: nn.Module, step: MixedPrecisionStep, ctx: StepContext) -
     return [{"mixed_precision": report}] + records
 
 
+def _apply_steer(model: nn.Module, step: SteerStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.steer import SteerConfig, apply_steering
+
+    if step.pairs is not None:
+        pos, neg = load_prompt_pairs(step.pairs)
+    else:
+        pos, neg = load_prompts(step.positive), load_prompts(step.negative)
+    if ctx.tokenizer is None:
+        raise EdgeCompressError("the steer step needs the model's tokenizer")
+    cfg = SteerConfig(layers=tuple(step.layers), method=step.method, position=step.position, mode=step.mode,
+                      strength=step.strength, kl_bound=step.kl_bound, max_strength=step.max_strength,
+                      search_steps=step.search_steps)
+    neutral = ctx.windows[: step.kl_windows, : step.kl_tokens]
+    records = apply_steering(model, encode_prompts(ctx.tokenizer, pos, chat=step.chat),
+                             encode_prompts(ctx.tokenizer, neg, chat=step.chat), cfg, neutral)
+    for r in records:
+        console.log(f"steer {r['mode']} at layer {r['layer']}: |v| {r['norm']:.3g}, strength {r['strength']}, "
+                    f"KL on neutral text {r['neutral_kl']:.4f}")
+    return records
+
+
 STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = {
     "quantize": _apply_quantize,
     "awq": _apply_awq,
     "mixed_precision": _apply_mixed,
     "smoothquant": _apply_smoothquant,
+    "steer": _apply_steer,
 }
 
 
@@ -189,7 +214,7 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
     with ticker(n_layers, f"exporting {spec.name}", progress) as advance:
         body = exporters[loaded.task](model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv,
                                       progress=advance)
-    loaded.save_hf_files(dest)
+    loaded.save_hf_files(dest, model=model)
     return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
 
 
@@ -228,7 +253,8 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     steps: list[dict[str, Any]] = []
     for i, step in enumerate(recipe.steps):
         console.log(f"step {i}: {step.step_type}")
-        records = STEP_APPLIERS[step.step_type](model, step, StepContext(windows, store, progress, cal.batch_size))
+        records = STEP_APPLIERS[step.step_type](model, step, StepContext(windows, store, progress, cal.batch_size,
+                                                                          tokenizer=tok))
         steps.append({"step": step.step_type, "config": step.model_dump(mode="json"), "modules": records})
     timings["steps_s"] = time.perf_counter() - t
 

@@ -63,6 +63,7 @@ __all__ = [
     "ModelSpec",
     "QuantizeStep",
     "Recipe",
+    "SteerStep",
     "Step",
     "StepConfig",
     "Thresholds",
@@ -412,12 +413,108 @@ class MixedPrecisionStep(StepConfig):
     act_order: StrictBool = Field(False, description="gptq: activation-order column processing.")
 
 
+_PROMPTS_RE = re.compile(r"builtin:[a-z0-9][a-z0-9_-]*")
+
+
+def _check_prompts(value: str) -> str:
+    if _PROMPTS_RE.fullmatch(value) or value.lower().endswith((".txt", ".jsonl")):
+        return value
+    raise PydanticCustomError(
+        "prompts_error",
+        "{value} is not a prompt source: use a .txt file (one prompt per line), a .jsonl file "
+        "(\"text\" per line; pairs: \"positive\" and \"negative\") or builtin:NAME (e.g. builtin:concise-pairs)",
+        {"value": _show(value)},
+    )
+
+
+#: Prompts for steering: a .txt (one per line), a .jsonl, or a bundled set ``builtin:NAME``.
+PromptSource = Annotated[StrictStr, AfterValidator(_check_prompts)]
+SteerMethod = _choice("mean_diff", "pca")
+SteerPosition = _choice("last", "mean")
+SteerMode = _choice("add", "ablate", "clamp")
+
+
+def _listify_int(value: Any) -> Any:
+    return [value] if type(value) is int else value
+
+
+class SteerStep(StepConfig):
+    """Steering baked into the weights: a direction from contrasting prompt sets, added to the
+    residual stream (a down_proj bias), ablated from it (orthogonalised writers) or clamped."""
+
+    step_type: ClassVar[str] = "steer"
+
+    pairs: PromptSource | None = Field(
+        None, description="Paired prompts: a .jsonl file with \"positive\" and \"negative\" per line, or builtin:NAME. "
+        "Give pairs, or positive and negative.")
+    positive: PromptSource | None = Field(None, description="Prompts showing the behaviour to steer towards.")
+    negative: PromptSource | None = Field(None, description="Prompts showing the behaviour to steer away from.")
+    layers: Annotated[tuple[Annotated[StrictInt, Field(ge=0)], ...], BeforeValidator(_listify_int)] = Field(
+        min_length=1, description="Decoder layer index(es) whose output (the residual stream after it) is read and "
+        "steered; ablate and clamp take one layer.")
+    position: SteerPosition = Field("last", description="Tokens read per prompt: last (the last prompt token) or "
+                                    "mean (the mean over the prompt's tokens).")
+    method: SteerMethod = Field("mean_diff", description="Direction: mean_diff (difference of the sets' means) or "
+                                "pca (top principal direction of the paired differences; sets of equal size).")
+    mode: SteerMode = Field("add", description="add: x + strength * v after each layer (a bias on its down_proj); "
+                            "ablate: remove the direction everywhere (embedding, o_proj, down_proj orthogonalised); "
+                            "clamp: ablate, then fix the component to strength * the positive prompts' mean.")
+    strength: StrictFloat | None = Field(
+        None, description="Multiple of the direction at its natural size (1 = one mean difference); omit it "
+        "with kl_bound set to search the largest strength under the bound. Not for ablate.")
+    kl_bound: StrictFloat | None = Field(
+        None, gt=0, description="Max mean KL(unsteered || steered) per token on neutral calibration text: searched "
+        "under when strength is omitted, else checked (the step fails when crossed).")
+    max_strength: StrictFloat = Field(16.0, gt=0, description="Largest strength the search tries.")
+    search_steps: StrictInt = Field(8, ge=1, le=30, description="Halvings, then bisection steps, of the search.")
+    kl_windows: StrictInt = Field(2, ge=1, description="Calibration windows the KL is measured on.")
+    kl_tokens: StrictInt = Field(256, ge=8, description="Tokens per KL window (the first of each calibration window).")
+    chat: StrictBool = Field(True, description="Wrap each prompt in the tokenizer's chat template (as a user "
+                             "message, with the assistant prompt after it).")
+    eval_prompts: PromptSource | None = Field(
+        None, description="Held-out prompts for `edgecompress steer-eval` (disjoint from the direction prompts).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SteerStep:
+        problems = []
+        both = self.positive is not None and self.negative is not None
+        if self.pairs is not None and (self.positive is not None or self.negative is not None):
+            problems.append(_detail(("pairs",), self.pairs, "steer_sets",
+                                    "give pairs, or positive and negative, not both", {}))
+        elif self.pairs is None and not both:
+            key = "negative" if self.positive is not None else "positive"
+            problems.append(_detail((key,), None, "steer_sets",
+                                    "missing prompt set: give pairs (a .jsonl of positive/negative) or both "
+                                    "positive and negative", {}))
+        if self.mode in ("ablate", "clamp") and len(self.layers) != 1:
+            problems.append(_detail(("layers",), list(self.layers), "steer_layers",
+                                    "{mode} reads one direction and removes it from every layer: give one layer, "
+                                    "got {value}", {"mode": self.mode, "value": _show(list(self.layers))}))
+        if len(set(self.layers)) != len(self.layers):
+            problems.append(_detail(("layers",), list(self.layers), "steer_layers",
+                                    "duplicate layer in {value}", {"value": _show(list(self.layers))}))
+        if self.mode == "ablate" and self.strength is not None:
+            problems.append(_detail(("strength",), self.strength, "steer_strength",
+                                    "ablate has no strength; drop it (or use mode: clamp)", {}))
+        if self.mode != "ablate" and self.strength is None and self.kl_bound is None:
+            problems.append(_detail(("strength",), None, "steer_strength",
+                                    "mode {mode} needs strength (e.g. 4.0) or kl_bound (e.g. 0.1, searches the "
+                                    "largest strength under it)", {"mode": self.mode}))
+        if self.strength is not None and self.strength == 0:
+            problems.append(_detail(("strength",), self.strength, "steer_strength",
+                                    "strength 0 does nothing; drop the step or give a non-zero strength", {}))
+        if problems:
+            raise ValidationError.from_exception_data("SteerStep", problems)
+        return self
+
+
 #: Registered step types: the YAML key of a step item -> its config model.
 STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
     AWQStep.step_type: AWQStep,
     MixedPrecisionStep.step_type: MixedPrecisionStep,
     SmoothQuantStep.step_type: SmoothQuantStep,
+    SteerStep.step_type: SteerStep,
 }
 
 

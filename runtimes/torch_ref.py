@@ -107,6 +107,10 @@ def load_torch_model(artifact: Artifact) -> torch.nn.Module:
     for key in model.state_dict():
         if key.endswith("norm.weight"):
             state[key] = torch.from_numpy(get(key).copy())
+    if getattr(config, "mlp_bias", False):  # baked steering: only some down projections carry a bias
+        for key, t in model.state_dict().items():
+            if key.endswith("_proj.bias") and ".mlp." in key and key not in state:
+                state[key] = torch.zeros(t.shape, dtype=torch.float32)
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

@@ -110,6 +110,11 @@ def test_merge_and_from_state_equal_single_pass(name: str) -> None:
         for q in (0.1, 0.5, 0.9):
             assert abs(merged.quantile(q) - whole.quantile(q)) <= 2 * max(merged.bin_width, whole.bin_width)
         return
+    if name == "rows":  # every row kept; merging changes only their order
+        def key(t: torch.Tensor) -> torch.Tensor:
+            return t[torch.argsort(t.sum(1))]
+        assert torch.equal(key(merged.state()["rows"]), key(whole.state()["rows"]))
+        return
     if name == "sample":  # each observer draws its own keys: a sample of the rows seen, not the same sample
         rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
         got = merged.state()["rows"]

@@ -40,19 +40,25 @@ class StatRequest:
 
     Only modules that are instances of ``module_types`` match. Output statistics are
     stored under ``"{stat}@output"`` (see :attr:`key`) so input and output of one
-    module never collide.
+    module never collide. ``tokens`` pools each sequence ``[B, T, C]`` before the
+    observer sees it: ``"all"`` (every token), ``"last"`` (the last token of each
+    sequence) or ``"mean"`` (the mean over its tokens), so a prompt set gives one row
+    per prompt (feed unpadded prompts one per batch).
     """
 
     pattern: str
     stat: str
     where: Literal["input", "output"] = "input"
     module_types: tuple[type[nn.Module], ...] = field(default=(nn.Linear,))
+    tokens: Literal["all", "last", "mean"] = "all"
 
     def __post_init__(self) -> None:
         if self.stat not in OBSERVERS:
             raise RecipeError(f"unknown statistic {self.stat!r}", hint=f"use one of {', '.join(sorted(OBSERVERS))}")
         if self.where not in ("input", "output"):
             raise RecipeError(f"where must be 'input' or 'output', got {self.where!r}")
+        if self.tokens not in ("all", "last", "mean"):
+            raise RecipeError(f"tokens must be 'all', 'last' or 'mean', got {self.tokens!r}")
         try:
             re.compile(self.pattern)
         except re.error as exc:
@@ -70,7 +76,16 @@ class StatRequest:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly description (recorded in the store's meta.json)."""
         types = [f"{t.__module__}.{t.__qualname__}" for t in self.module_types]
-        return {"pattern": self.pattern, "stat": self.stat, "where": self.where, "module_types": types}
+        out = {"pattern": self.pattern, "stat": self.stat, "where": self.where, "module_types": types}
+        return out if self.tokens == "all" else {**out, "tokens": self.tokens}
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the observer sees it: every token, or one row per sequence (see ``tokens``)."""
+        if self.tokens == "all":
+            return x
+        if x.dim() < 3:
+            raise TypeError(f"tokens={self.tokens!r} needs [batch, tokens, channels] activations, got {tuple(x.shape)}")
+        return x[:, -1] if self.tokens == "last" else x.mean(dim=1)
 
 
 def resolve(
@@ -137,13 +152,15 @@ def observe(
             observers[(name, req.key)] = obs
             if req.where == "input":
 
-                def hook(_m: nn.Module, args: tuple, kwargs: dict, _out: Any, obs: Observer = obs) -> None:
-                    obs.update(_first_tensor(args, kwargs))
+                def hook(_m: nn.Module, args: tuple, kwargs: dict, _out: Any, obs: Observer = obs,
+                         req: StatRequest = req) -> None:
+                    obs.update(req.pool(_first_tensor(args, kwargs)))
 
             else:
 
-                def hook(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any, obs: Observer = obs) -> None:
-                    obs.update(_main_output(out))
+                def hook(_m: nn.Module, _args: tuple, _kwargs: dict, out: Any, obs: Observer = obs,
+                         req: StatRequest = req) -> None:
+                    obs.update(req.pool(_main_output(out)))
 
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield observers

@@ -214,6 +214,79 @@ class HessianObserver(Observer):
         return obs
 
 
+class MeanObserver(Observer):
+    """Per-channel running mean of x (``mean``): a prompt set's mean activation (steering)."""
+
+    name = "mean"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _tokens(x).double()
+        if x.shape[0] == 0:
+            return
+        s = x.sum(dim=0)
+        self.sum = s if self.sum is None else self.sum + s.to(self.sum.device)
+        self.count += x.shape[0]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.sum is None or self.count == 0:
+            raise ValueError("MeanObserver has seen no data")
+        return {"mean": (self.sum / self.count).float().cpu()}
+
+    def merge(self, other: MeanObserver) -> MeanObserver:
+        if other.sum is None:
+            return self
+        self.sum = other.sum.clone() if self.sum is None else self.sum + other.sum.to(self.sum.device)
+        self.count += other.count
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], count: int) -> MeanObserver:
+        obs = cls()
+        obs.sum = state["mean"].double() * count
+        obs.count = int(count)
+        return obs
+
+
+class RowsObserver(Observer):
+    """Every row it sees, in order (``rows`` [count, C]): per-prompt activations for paired
+    statistics (steering's PCA of paired differences). Memory grows with the data: meant for
+    prompt sets pooled to one row per prompt (``StatRequest(tokens="last"|"mean")``)."""
+
+    name = "rows"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _tokens(x)
+        if x.shape[0] == 0:
+            return
+        self.chunks.append(x.cpu().clone())
+        self.count += x.shape[0]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if not self.chunks:
+            raise ValueError("RowsObserver has seen no data")
+        return {"rows": torch.cat(self.chunks)}
+
+    def merge(self, other: RowsObserver) -> RowsObserver:
+        self.chunks += [c.clone() for c in other.chunks]
+        self.count += other.count
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], count: int) -> RowsObserver:
+        obs = cls()
+        obs.chunks = [state["rows"].float().clone()]
+        obs.count = int(count)
+        return obs
+
+
 def rebin(hist: np.ndarray, upper: float, new_upper: float) -> np.ndarray:
     """Re-bin a histogram over ``[0, upper]`` into the same number of bins over ``[0, new_upper]``.
 
@@ -447,7 +520,7 @@ class SampleObserver(Observer):
 
 OBSERVERS: dict[str, type[Observer]] = {
     cls.name: cls for cls in (MinMaxObserver, MeanSquareObserver, HessianObserver, HistogramObserver,
-                              SignedHistogramObserver, SampleObserver)
+                              SignedHistogramObserver, SampleObserver, MeanObserver, RowsObserver)
 }
 
 
