@@ -33,7 +33,7 @@ from .data import fingerprint_tokens, load_text, token_windows
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, recipe_to_dict
+from .recipe import AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, SparsifyStep, recipe_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,20 @@ def _apply_mixed(model: nn.Module, step: MixedPrecisionStep, ctx: StepContext) -
     return [{"mixed_precision": report}] + records
 
 
+def _apply_sparsify(model: nn.Module, step: SparsifyStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.sparse.apply import SparsifyConfig, apply_sparsify
+
+    cfg = SparsifyConfig(method=step.method, sparsity=step.effective_sparsity, pattern=step.pattern,
+                         targets=tuple(step.targets), ignore=tuple(step.ignore), damp=step.damp, block=step.block,
+                         value_dtype=step.value_dtype)
+    return apply_sparsify(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
+
+
 STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = {
     "quantize": _apply_quantize,
     "awq": _apply_awq,
     "mixed_precision": _apply_mixed,
+    "sparsify": _apply_sparsify,
 }
 
 

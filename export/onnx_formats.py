@@ -115,6 +115,9 @@ def matmulnbits_ok(p: BlockQuantizedTensor) -> bool:
 def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
                 cache: WeightCache) -> tuple[str, LayerFormat]:
     """Emit ``y = mod(x)``; return the output name and the layer's format record."""
+    extra = _emit_extra_linear(g, x, mod, base, opts, cache)
+    if extra is not None:
+        return extra
     if isinstance(mod, QuantLinear):
         p = mod.packed
         n, k = p.shape
@@ -156,6 +159,23 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
         raise NotImplementedError(f"{base}: no ONNX emitter for {type(mod).__name__}")
     if bias is not None:
         fmt.initializers["bias"] = g.initializer(f"{base}.bias", _np(bias).astype(np.float32))
+        y = g.op("Add", y, fmt.initializers["bias"], name=f"{base}/bias")
+    return y, fmt
+
+
+def _emit_extra_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
+                       cache: WeightCache) -> tuple[str, LayerFormat] | None:
+    """Sparse weights (``edgecompress::SparseMatMul``, :mod:`.onnx_sparse`); None for the other formats."""
+    from edgecompress.compress.sparse.format import SparseLinear
+
+    if isinstance(mod, SparseLinear):
+        from .onnx_sparse import emit_sparse_linear
+
+        y, fmt = emit_sparse_linear(g, x, mod, base)
+    else:
+        return None
+    if mod.bias is not None:
+        fmt.initializers["bias"] = g.initializer(f"{base}.bias", _np(mod.bias).astype(np.float32))
         y = g.op("Add", y, fmt.initializers["bias"], name=f"{base}/bias")
     return y, fmt
 

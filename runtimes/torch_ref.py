@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from edgecompress.artifact import Artifact
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
+from edgecompress.compress.sparse.format import SparseTensor
 
 from .base import Generation, Runtime, Timer
 
@@ -61,6 +62,10 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
         b = torch.from_numpy(get(inits["B"]).copy())
         scales = torch.from_numpy(np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1))
         return BlockQuantizedTensor(b, scales, None, 3, layer["block_size"], (n, k)).to_float()
+    if op == "edgecompress::SparseMatMul":  # kept values + LSB-first bitmask
+        values = torch.from_numpy(np.array(get(inits["values"]), dtype=np.float32).reshape(-1))
+        bitmask = torch.from_numpy(get(inits["bitmask"]).copy())
+        return SparseTensor(values, bitmask, (n, k)).to_float()
     if op == "DequantizeLinear+MatMul":
         q = get(inits["qweight"]).astype(np.float32)  # [K, N]
         s = get(inits["scales"]).astype(np.float32)
