@@ -61,6 +61,7 @@ __all__ = [
     "CheckSpec",
     "ExportSpec",
     "ModelSpec",
+    "LowRankStep",
     "QuantizeStep",
     "SparsifyStep",
     "Recipe",
@@ -406,12 +407,35 @@ class SparsifyStep(StepConfig):
         return 1 - n / m
 
 
+LowRankMethod = _choice("eora", "svd")
+
+
+class LowRankStep(StepConfig):
+    """Low-rank compensation of the compression error of quantized/pruned decoder linears: W_c + B A with
+    rank-r factors fitted to W - W_c (eora: weighted by the calibration input covariance; svd: plain)."""
+
+    step_type: ClassVar[str] = "lowrank"
+
+    method: LowRankMethod = Field(
+        "eora", description="eora (eigenspace-projected SVD minimising the output error on the calibration "
+        "inputs, sequential; Liu et al. 2024) or svd (truncated SVD of the weight error, no data).")
+    rank: StrictInt = Field(16, ge=1, description="Rank r of the correction B [N, r] A [r, K] of every layer.")
+    targets: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (".*",), min_length=1, description="Regexes (re.search) over module names selecting the compressed "
+        "layers to compensate (quantized or pruned Linear layers inside the decoder blocks).")
+    ignore: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (), description="Regexes (re.search) over module names to leave uncompensated.")
+    value_dtype: ScaleDtype = Field("float16", description="Storage dtype of the factors: float16 (rounded to "
+                                    "it, so storing them is lossless) or float32.")
+
+
 #: Registered step types: the YAML key of a step item -> its config model.
 STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
     AWQStep.step_type: AWQStep,
     MixedPrecisionStep.step_type: MixedPrecisionStep,
     SparsifyStep.step_type: SparsifyStep,
+    LowRankStep.step_type: LowRankStep,
 }
 
 

@@ -165,9 +165,15 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
 
 def _emit_extra_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
                        cache: WeightCache) -> tuple[str, LayerFormat] | None:
-    """Sparse weights (``edgecompress::SparseMatMul``, :mod:`.onnx_sparse`); None for the other formats."""
+    """Sparse weights (``edgecompress::SparseMatMul``, :mod:`.onnx_sparse`) and low-rank corrections
+    (the base layer plus two small ``MatMul``s, :mod:`.onnx_lowrank`); None for the other formats."""
+    from edgecompress.compress.lowrank.apply import LowRankLinear
     from edgecompress.compress.sparse.format import SparseLinear
 
+    if isinstance(mod, LowRankLinear):
+        from .onnx_lowrank import emit_lowrank_linear
+
+        return emit_lowrank_linear(g, x, mod, base, opts, cache)
     if isinstance(mod, SparseLinear):
         from .onnx_sparse import emit_sparse_linear
 

@@ -46,6 +46,11 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
     n, k = layer["shape"]
     inits = layer["initializers"]
     op = layer["onnx_op"]
+    if "lowrank_a" in inits:  # a low-rank correction: base weight + (A^T B^T)^T
+        base = {**layer, "initializers": {k_: v for k_, v in inits.items() if not k_.startswith("lowrank_")}}
+        a_t = np.asarray(get(inits["lowrank_a"]), dtype=np.float32)  # [K, r]
+        b_t = np.asarray(get(inits["lowrank_b"]), dtype=np.float32)  # [r, N]
+        return decode_layer(base, get) + torch.from_numpy((a_t @ b_t).T.copy())
     if op in ("MatMulNBits", "GatherBlockQuantized"):
         b = get(inits["B"])
         scales = np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1)  # a writable copy

@@ -227,7 +227,7 @@ def test_bad_regex_names_the_regex():
 
 def test_unknown_step_type_lists_valid_types():
     msg = errors_of(MINIMAL.replace("quantize: {}", "quantise: {}"))
-    assert "line 5: steps[0].quantise: unknown step type; valid step types: awq, mixed_precision, quantize, sparsify (did you mean 'quantize'?)" in msg
+    assert "line 5: steps[0].quantise: unknown step type; valid step types: awq, lowrank, mixed_precision, quantize, sparsify (did you mean 'quantize'?)" in msg
 
 
 def test_malformed_step_items():
@@ -299,7 +299,7 @@ def test_multiple_errors_in_one_recipe_error_sorted_by_line():
         "x.yaml line 8: steps[0].quantize.bitz: unknown key; valid keys: act_order, bits, damp, embeddings, group_size, ignore, "
         "method, preset, scale_dtype, symmetric, targets (did you mean 'bits'?)",
         "x.yaml line 9: steps[0].quantize.bits: 5 is not one of 3, 4, 8",
-        "x.yaml line 10: steps[1].prune: unknown step type; valid step types: awq, mixed_precision, quantize, sparsify",
+        "x.yaml line 10: steps[1].prune: unknown step type; valid step types: awq, lowrank, mixed_precision, quantize, sparsify",
         "x.yaml line 12: export[0].format: 'tflite' is not one of 'onnx'",
         "x.yaml line 14: bench.threads: must be >= 1, got 0",
     ]
@@ -376,7 +376,7 @@ def test_register_a_new_step_type(restore_step_types):
     assert isinstance(r.steps[0], PruneStep) and r.steps[0].sparsity == 0.25
     assert parse_recipe(json.dumps(recipe_to_dict(r))) == r
     msg = errors_of(MINIMAL.replace("quantize: {}", "prun: {}"))
-    assert "valid step types: awq, mixed_precision, prune, quantize, sparsify (did you mean 'prune'?)" in msg
+    assert "valid step types: awq, lowrank, mixed_precision, prune, quantize, sparsify (did you mean 'prune'?)" in msg
     with pytest.raises(ValueError):
         register_step_type(type("Other", (StepConfig,), {"step_type": "prune", "__annotations__": {}}))
 
