@@ -19,7 +19,6 @@ from torch import nn
 
 from edgecompress.compress.calibration.driver import StatRequest, calibrate, sequential_calibrate
 from edgecompress.compress.calibration.store import StatsStore
-
 from edgecompress.compress.sparse.format import SparseLinear
 from edgecompress.errors import EdgeCompressError
 
