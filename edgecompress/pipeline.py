@@ -99,7 +99,8 @@ def _apply_sparsify(model: nn.Module, step: SparsifyStep, ctx: StepContext) -> l
 
     cfg = SparsifyConfig(method=step.method, sparsity=step.effective_sparsity, pattern=step.pattern,
                          targets=tuple(step.targets), ignore=tuple(step.ignore), damp=step.damp, block=step.block,
-                         value_dtype=step.value_dtype)
+                         value_dtype=step.value_dtype, allocation=step.allocation, owl_lambda=step.owl_lambda,
+                         owl_m=step.owl_m)
     return apply_sparsify(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
 
 

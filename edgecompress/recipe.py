@@ -361,6 +361,7 @@ def _check_pattern(value: str) -> str:
 
 SparsityPattern = Annotated[StrictStr, AfterValidator(_check_pattern)]
 SparsifyMethod = _choice("magnitude", "wanda", "sparsegpt")
+SparsityAllocation = _choice("uniform", "owl")
 
 
 class SparsifyStep(StepConfig):
@@ -387,9 +388,26 @@ class SparsifyStep(StepConfig):
     block: StrictInt = Field(128, ge=1, description="sparsegpt: columns per lazy update (and per adaptive mask).")
     value_dtype: ScaleDtype = Field("float16", description="Storage dtype of the kept values: float16 (values "
                                     "are rounded to it, so storing them is lossless) or float32.")
+    allocation: SparsityAllocation = Field(
+        "uniform", description="uniform (every layer at `sparsity`) or owl (per-block sparsities within "
+        "sparsity +- owl_lambda, lower where Wanda scores have more outliers; Yin et al. 2023; unstructured only).")
+    owl_lambda: StrictFloat = Field(0.08, ge=0, lt=0.5, description="owl: largest deviation of a block's sparsity "
+                                    "from `sparsity`.")
+    owl_m: StrictFloat = Field(5.0, gt=0, description="owl: a Wanda score counts as an outlier above owl_m times "
+                               "its block's mean.")
 
     @model_validator(mode="after")
     def _sparsity_matches_pattern(self) -> SparsifyStep:
+        if self.allocation == "owl" and self.pattern != "unstructured":
+            raise _located_error(("allocation",), self.allocation, "allocation_pattern",
+                                 "owl allocation varies the sparsity per block; it needs pattern: unstructured, "
+                                 "not {pattern}", {"pattern": self.pattern})
+        if self.allocation == "owl" and not self.owl_lambda < min(self.effective_sparsity,
+                                                                  1 - self.effective_sparsity):
+            raise _located_error(("owl_lambda",), self.owl_lambda, "owl_lambda",
+                                 "owl_lambda {value} must be below min(sparsity, 1 - sparsity) = {bound}",
+                                 {"value": _show(self.owl_lambda),
+                                  "bound": f"{min(self.effective_sparsity, 1 - self.effective_sparsity):g}"})
         if self.pattern != "unstructured" and self.sparsity is not None:
             n, m = (int(v) for v in self.pattern.split(":"))
             if abs(self.sparsity - (1 - n / m)) > 1e-9:

@@ -352,3 +352,44 @@ def test_sparsify_recipe_runs_end_to_end_and_both_runtimes_agree(tmp_path):
     ids = np.arange(5, 45, dtype=np.int64)
     np.testing.assert_allclose(open_runtime("ort-cpu", art).logits(ids), open_runtime("torch", art).logits(ids),
                                atol=1e-4)
+
+
+# -- OWL allocation -------------------------------------------------------------------------
+
+
+def test_owl_sparsities_keep_the_mean_and_favour_outlier_rich_layers():
+    from edgecompress.compress.sparse.masks import outlier_ratio, owl_sparsities
+
+    ratios = [0.01, 0.05, 0.02, 0.08]
+    s = owl_sparsities(ratios, 0.5, 0.08)
+    assert np.mean(s) == pytest.approx(0.5)
+    assert max(s) - min(s) == pytest.approx(0.16)  # the ratios span [0, 2 * lambda]
+    assert np.argsort(s).tolist() == np.argsort(ratios)[::-1].tolist()  # more outliers, less pruning
+    assert owl_sparsities([0.03] * 3, 0.6) == pytest.approx([0.6] * 3)
+    with pytest.raises(ValueError, match="lambda"):
+        owl_sparsities(ratios, 0.05, 0.08)
+    x = torch.cat([torch.ones(95), torch.full((5,), 100.0)])  # mean 5.95: 5 scores above 5 x mean
+    assert outlier_ratio(x, 5.0) == pytest.approx(0.05)
+    assert outlier_ratio(x, 20.0) == 0.0
+
+
+def test_owl_allocation_prunes_each_block_at_its_own_sparsity(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    ids = torch.randint(0, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+    recs = apply_sparsify(model, ids, SparsifyConfig(method="wanda", sparsity=0.5, allocation="owl", owl_lambda=0.1))
+    per_block = {r["module"].split(".")[2]: r["target_sparsity"] for r in recs}
+    assert len(set(per_block.values())) == 2 and np.mean(list(per_block.values())) == pytest.approx(0.5)
+    assert sorted(per_block.values()) == pytest.approx([0.4, 0.6])  # two blocks: the extremes
+    for r in recs:  # Wanda prunes floor(s * K) of every row
+        n, k = r["shape"]
+        assert r["nnz"] == n * (k - int(r["target_sparsity"] * k))
+    with pytest.raises(ValueError, match="unstructured"):
+        SparsifyConfig(allocation="owl", pattern="2:4")
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("{allocation: owl, pattern: '2:4'}", "steps[0].sparsify.allocation: owl allocation varies"),
+    ("{allocation: owl, sparsity: 0.1, owl_lambda: 0.2}", "steps[0].sparsify.owl_lambda: owl_lambda 0.2 must be below"),
+])
+def test_owl_recipe_errors(body, needle):
+    test_recipe_errors_name_the_key(body, needle)

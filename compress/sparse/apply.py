@@ -13,13 +13,13 @@ before ``quantize`` (a later RTN or GPTQ keeps the pruned weights exactly zero).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from edgecompress.compress.calibration.driver import StatRequest, sequential_calibrate
+from edgecompress.compress.calibration.driver import StatRequest, calibrate, sequential_calibrate
 from edgecompress.compress.calibration.store import StatsStore
 from edgecompress.compress.quant.rtn import _set_module, check_targets, select
 from edgecompress.compress.quant.sequential import (LINEAR_TYPES, OBSERVED, _block_prefix, _drop, decoder_blocks,
@@ -27,7 +27,7 @@ from edgecompress.compress.quant.sequential import (LINEAR_TYPES, OBSERVED, _blo
 from edgecompress.errors import RecipeError
 
 from .format import SparseLinear, SparseTensor
-from .masks import magnitude_scores, parse_pattern, select_mask, wanda_scores
+from .masks import magnitude_scores, outlier_ratio, owl_sparsities, parse_pattern, select_mask, wanda_scores
 from .sparsegpt import sparsegpt_prune
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ class SparsifyConfig:
     damp: float = 0.01  # sparsegpt: relative Hessian damping
     block: int = 128  # sparsegpt: lazy-update block (columns)
     value_dtype: str = "float16"  # kept values are rounded to this storage dtype
+    allocation: str = "uniform"  # uniform | owl (per-block sparsity from Wanda-score outliers; unstructured)
+    owl_lambda: float = 0.08  # owl: per-block sparsities lie within sparsity +- owl_lambda
+    owl_m: float = 5.0  # owl: a score is an outlier above owl_m times its layer's mean
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -53,6 +56,10 @@ class SparsifyConfig:
         parse_pattern(self.pattern)
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.allocation not in ("uniform", "owl"):
+            raise ValueError(f"allocation must be uniform or owl, got {self.allocation!r}")
+        if self.allocation == "owl" and self.pattern != "unstructured":
+            raise ValueError("owl allocation varies the sparsity per block: it needs pattern 'unstructured'")
         if self.value_dtype not in ("float16", "float32"):
             raise ValueError(f"value_dtype must be float16 or float32, got {self.value_dtype!r}")
 
@@ -105,9 +112,27 @@ def _replace(model: nn.Module, name: str, mod: nn.Linear, cfg: SparsifyConfig, s
     sparse = SparseTensor.from_dense(_round(W, cfg.value_dtype), keep)
     _set_module(model, name, SparseLinear(sparse, mod.bias, pattern=cfg.pattern))
     rec = {"module": name, "format": "sparse", "method": cfg.method, "pattern": cfg.pattern,
+           "target_sparsity": round(cfg.sparsity, 6) if cfg.pattern == "unstructured" else None,
            "sparsity": round(sparse.sparsity, 6), "nnz": sparse.nnz, "shape": list(sparse.shape),
            "value_dtype": cfg.value_dtype}
     return {**rec, "sparsegpt": diag} if diag else rec
+
+
+def owl_allocation(model: nn.Module, batches: torch.Tensor, chosen: dict[str, nn.Module], cfg: SparsifyConfig, *,
+                   progress: bool = False, batch_size: int = 1) -> dict[str, float]:
+    """Per-block sparsities (keyed by block prefix) by OWL, from Wanda scores of the dense model."""
+    store = calibrate(model, batches, [StatRequest(OBSERVED, "meansq", module_types=LINEAR_TYPES)],
+                      progress=progress, batch_size=batch_size)
+    prefixes = [_block_prefix(model, b) for b in decoder_blocks(model)]
+    ratios = []
+    for prefix in prefixes:
+        scores = [wanda_scores(m.weight, store.get(stat_source(n), "meansq")["meansq"]).flatten()
+                  for n, m in chosen.items() if n.startswith(prefix + ".")]
+        ratios.append(outlier_ratio(torch.cat(scores), cfg.owl_m) if scores else 0.0)
+    per_block = dict(zip(prefixes, owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda)))
+    log.info("OWL outlier ratios %s -> sparsities %s", [round(r, 4) for r in ratios],
+             [round(s, 3) for s in per_block.values()])
+    return per_block
 
 
 def apply_sparsify(model: nn.Module, batches: torch.Tensor, cfg: SparsifyConfig, *, progress: bool = False,
@@ -116,9 +141,17 @@ def apply_sparsify(model: nn.Module, batches: torch.Tensor, cfg: SparsifyConfig,
     blocks = decoder_blocks(model)
     chosen = dict(_targets(model, blocks, cfg))
     records: list[dict[str, Any]] = []
+    per_block: dict[str, float] = {}
+    if cfg.allocation == "owl":
+        per_block = owl_allocation(model, batches, chosen, cfg, progress=progress, batch_size=batch_size)
+
+    def cfg_for(name: str) -> SparsifyConfig:
+        block = next((p for p in per_block if name.startswith(p + ".")), None)
+        return cfg if block is None else replace(cfg, sparsity=per_block[block])
+
     if cfg.method == "magnitude":
         for name, mod in chosen.items():
-            records.append(_replace(model, name, mod, cfg, None))
+            records.append(_replace(model, name, mod, cfg_for(name), None))
     else:
         stat = STAT[cfg.method]
 
@@ -128,7 +161,7 @@ def apply_sparsify(model: nn.Module, batches: torch.Tensor, cfg: SparsifyConfig,
                 full = f"{prefix}.{name}"
                 if full in chosen:
                     s = store.get(stat_source(full), stat)[stat]
-                    records.append(_replace(model, full, mod, cfg, s))
+                    records.append(_replace(model, full, mod, cfg_for(full), s))
             _drop(store, prefix)
 
         sequential_calibrate(model, batches, blocks, [StatRequest(OBSERVED, stat, module_types=LINEAR_TYPES)], on_block, progress=progress,

@@ -87,3 +87,27 @@ def select_mask(scores: torch.Tensor, sparsity: float, pattern: str = "unstructu
         order = torch.argsort(flat, dim=1, stable=True)[:, :n_prune]
         keep.scatter_(1, order, False)
     return keep.reshape(scores.shape)
+
+
+def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
+    """OWL's layer outlier ratio: the fraction of scores above ``m`` times their mean."""
+    scores = scores.to(torch.float64)
+    return float((scores > m * scores.mean()).double().mean())
+
+
+def owl_sparsities(ratios: list[float], sparsity: float, lam: float = 0.08) -> list[float]:
+    """OWL (Yin et al. 2023, "Outlier Weighed Layerwise Sparsity"; cf. luuyin/OWL): per-layer sparsities
+    with the mean ``sparsity``, lower where the outlier ratio ``D_l`` is higher.
+
+    ``D`` is rescaled to ``[0, 2 * lam]``; a layer keeps ``(1 - sparsity) + D_l - mean(D)`` of its
+    weights, so every sparsity lies within ``sparsity +- lam`` and their mean is ``sparsity``.
+    """
+    _check_sparsity(sparsity)
+    if lam < 0 or (lam > 0 and lam >= min(sparsity, 1 - sparsity)):
+        raise ValueError(f"OWL lambda must be in [0, min(sparsity, 1 - sparsity)) = "
+                         f"[0, {min(sparsity, 1 - sparsity):g}), got {lam}")
+    d = torch.tensor(ratios, dtype=torch.float64)
+    spread = float(d.max() - d.min()) if len(ratios) else 0.0
+    d = (d - d.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(d)
+    keep = d - d.mean() + (1 - sparsity)
+    return [float(1 - k) for k in keep]
