@@ -50,7 +50,13 @@ def variants() -> dict[str, dict[str, list[dict]]]:
     for rank in (16, 32):
         for method in ("svd", "eora"):
             lowrank[f"rtn w4 g128 + {method} r{rank}"] = [W4, {"lowrank": {"method": method, "rank": rank}}]
-    return {"sparse": sparse, "lowrank": lowrank}
+    owl = {f"{m} 50% owl": [{"sparsify": {"method": m, "sparsity": 0.5, "allocation": "owl"}}]
+           for m in ("wanda", "sparsegpt")}
+    g4 = {"quantize": {"method": "gptq", "bits": 4, "group_size": 128, "symmetric": True, "act_order": True,
+                       "embeddings": False}}
+    combo = {"gptq w4 g128": [g4],
+             "sparsegpt 2:4 + gptq w4 g128": [{"sparsify": {"method": "sparsegpt", "pattern": "2:4"}}, g4]}
+    return {"sparse": sparse, "lowrank": lowrank, "owl": owl, "combo": combo}
 
 
 def decoder_bits(model: torch.nn.Module) -> dict:
