@@ -1,8 +1,9 @@
 """ONNX form of the sparse weight format (``edgecompress.compress.sparse.format.SparseTensor``).
 
-``edgecompress::SparseMatMul(A, values, bitmask) -> Y = A @ W^T`` where ``W [N, K]`` is stored
-compressed: ``values`` float ``[nnz]`` (the kept weights, row-major) and ``bitmask`` uint8
-``[N, ceil(K/8)]`` (bit ``j % 8`` of byte ``j // 8``, least significant first). The model carries
+``edgecompress::SparseMatMul(A, values, bitmask, shape) -> Y = A @ W^T`` where ``W [N, K]`` is stored
+compressed: ``values`` float ``[nnz]`` (the kept weights, row-major), ``bitmask`` uint8
+``[N, ceil(K/8)]`` (bit ``j % 8`` of byte ``j // 8``, least significant first) and ``shape`` int64
+``[N, K]``. The model carries
 the op's function body in standard ONNX ops, so every ONNX runtime runs it; a runtime with a
 sparse kernel (TVM, CUDA) can take the op itself. The body decompresses as ``to_float()`` does::
 
@@ -10,9 +11,11 @@ sparse kernel (TVM, CUDA) can take the op itself. The body decompresses as ``to_
     index = cumsum(keep) * keep                     (1..nnz where kept, 0 where pruned)
     W     = Gather(Concat([0], values), index)      (0 where pruned)
 
-Every size is read from the inputs' shapes (K from ``A``, N from ``bitmask``), so one function serves
-every layer. Values are stored as float16 when that is lossless (the sparsify step rounds them so)
-and cast to float32 in the graph; ONNX Runtime folds the decompression once, at session creation.
+Every size comes from the ``shape`` initializer, so one function serves every layer and the whole
+decompression depends on initializers only: ONNX Runtime folds it into a dense constant once, at
+session creation (reading K from ``A``'s shape would keep CumSum/Gather in every run). Values are
+stored as float16 when that is lossless (the sparsify step rounds them so) and cast to float32 in
+the graph.
 """
 
 from __future__ import annotations
@@ -38,18 +41,17 @@ def sparse_matmul_function(opset: int) -> onnx.FunctionProto:
         _const("one_u8", np.array(1, np.uint8)),
         _const("zero1", np.array([0], np.int64)),
         _const("one1", np.array([1], np.int64)),
+        _const("two1", np.array([2], np.int64)),
         _const("minus1", np.array([-1], np.int64)),
         _const("zero_value", np.array([0.0], np.float32)),
         # bitmask [N, K8] -> keep [N, K] (0/1)
         n("Unsqueeze", ["bitmask", "minus1"], ["bm3"]),
         n("BitShift", ["bm3", "shifts"], ["shifted"], direction="RIGHT"),
         n("BitwiseAnd", ["shifted", "one_u8"], ["bits3"]),  # [N, K8, 8]
-        n("Shape", ["bitmask"], ["bm_shape"]),
-        n("Slice", ["bm_shape", "zero1", "one1", "zero1"], ["n_only"]),  # [N]
+        n("Slice", ["shape", "zero1", "one1", "zero1"], ["n_only"]),  # [N]
+        n("Slice", ["shape", "one1", "two1", "zero1"], ["k"]),  # [K]
         n("Concat", ["n_only", "minus1"], ["shape_nk8"], axis=0),
         n("Reshape", ["bits3", "shape_nk8"], ["bits_padded"]),  # [N, K8 * 8]
-        n("Shape", ["A"], ["a_shape"]),
-        n("Gather", ["a_shape", "minus1"], ["k"], axis=0),  # K, a 1-element tensor
         n("Slice", ["bits_padded", "zero1", "k", "one1"], ["bits"]),  # [N, K]
         n("Cast", ["bits"], ["keep"], to=TensorProto.INT64),
         n("Reshape", ["keep", "minus1"], ["keep_flat"]),
@@ -57,12 +59,11 @@ def sparse_matmul_function(opset: int) -> onnx.FunctionProto:
         n("Mul", ["rank", "keep_flat"], ["index"]),  # 1..nnz where kept, 0 where pruned
         n("Concat", ["zero_value", "values"], ["values0"], axis=0),
         n("Gather", ["values0", "index"], ["w_flat"], axis=0),
-        n("Concat", ["n_only", "k"], ["shape_nk"], axis=0),
-        n("Reshape", ["w_flat", "shape_nk"], ["w"]),
+        n("Reshape", ["w_flat", "shape"], ["w"]),
         n("Transpose", ["w"], ["w_t"], perm=[1, 0]),
         n("MatMul", ["A", "w_t"], ["Y"]),
     ]
-    return helper.make_function(DOMAIN, SPARSE_MATMUL, ["A", "values", "bitmask"], ["Y"], nodes,
+    return helper.make_function(DOMAIN, SPARSE_MATMUL, ["A", "values", "bitmask", "shape"], ["Y"], nodes,
                                 [helper.make_opsetid("", opset)])
 
 
@@ -82,9 +83,10 @@ def emit_sparse_linear(g: GraphBuilder, x: str, mod: SparseLinear, base: str) ->
         v = g.initializer(f"{base}.values", values)
         vbytes, vtag = values.nbytes, "fp32"
     bm = g.initializer(f"{base}.bitmask", sp.bitmask.detach().cpu().numpy())
-    y = g.op(SPARSE_MATMUL, x, v, bm, name=f"{base}/{SPARSE_MATMUL}", domain=DOMAIN)
+    shape = g.initializer(f"{base}.shape", np.array([n, k], np.int64))
+    y = g.op(SPARSE_MATMUL, x, v, bm, shape, name=f"{base}/{SPARSE_MATMUL}", domain=DOMAIN)
     g.value_info.append(helper.make_tensor_value_info(y, FLOAT, None))
-    nbytes = vbytes + sp.bitmask.numel()
+    nbytes = vbytes + sp.bitmask.numel() + 16
     fmt = LayerFormat(base, f"sparse-{mod.pattern}-{vtag}", f"{DOMAIN}::{SPARSE_MATMUL}", 8 * nbytes / (n * k),
-                      n * k, nbytes, shape=(n, k), initializers={"values": v, "bitmask": bm})
+                      n * k, nbytes, shape=(n, k), initializers={"values": v, "bitmask": bm, "shape": shape})
     return y, fmt
