@@ -3,9 +3,8 @@
 ``edgecompress::SparseMatMul(A, values, bitmask, shape) -> Y = A @ W^T`` where ``W [N, K]`` is stored
 compressed: ``values`` float ``[nnz]`` (the kept weights, row-major), ``bitmask`` uint8
 ``[N, ceil(K/8)]`` (bit ``j % 8`` of byte ``j // 8``, least significant first) and ``shape`` int64
-``[N, K]``. The model carries
-the op's function body in standard ONNX ops, so every ONNX runtime runs it; a runtime with a
-sparse kernel (TVM, CUDA) can take the op itself. The body decompresses as ``to_float()`` does::
+``[N, K]``. The model carries the op's function body in standard ONNX ops, so every ONNX runtime
+runs it; a runtime with a sparse kernel (TVM, CUDA) can take the op itself. The body decompresses as ``to_float()`` does::
 
     keep  = bits of bitmask, [N, K]                 (BitShift, BitwiseAnd, Slice)
     index = cumsum(keep) * keep                     (1..nnz where kept, 0 where pruned)
@@ -15,7 +14,8 @@ Every size comes from the ``shape`` initializer, so one function serves every la
 decompression depends on initializers only: ONNX Runtime folds it into a dense constant once, at
 session creation (reading K from ``A``'s shape would keep CumSum/Gather in every run). Values are
 stored as float16 when that is lossless (the sparsify step rounds them so) and cast to float32 in
-the graph.
+the graph. So the artifact is compressed on disk, while ONNX Runtime computes with a dense fp32
+weight (no sparse kernel yet: memory and speed as the fp32 export).
 """
 
 from __future__ import annotations
