@@ -35,8 +35,8 @@ from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_p
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import (AWQStep, ExportSpec, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep, SteerStep,
-                     recipe_to_dict)
+from .recipe import (AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
+                     SparsifyStep, SteerStep, recipe_to_dict)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class StepContext:
     progress: bool
     batch_size: int = 1
     tokenizer: Any = None
+    reference: nn.Module | None = None  # the uncompressed model (kept when a step needs it, e.g. lowrank)
 
 
 def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
@@ -147,12 +148,35 @@ def _apply_steer(model: nn.Module, step: SteerStep, ctx: StepContext) -> list[di
     return records
 
 
+def _apply_sparsify(model: nn.Module, step: SparsifyStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.sparse.apply import SparsifyConfig, apply_sparsify
+
+    cfg = SparsifyConfig(method=step.method, sparsity=step.effective_sparsity, pattern=step.pattern,
+                         targets=tuple(step.targets), ignore=tuple(step.ignore), damp=step.damp, block=step.block,
+                         value_dtype=step.value_dtype, allocation=step.allocation, owl_lambda=step.owl_lambda,
+                         owl_m=step.owl_m)
+    return apply_sparsify(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
+
+
+def _apply_lowrank(model: nn.Module, step: LowRankStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.lowrank.apply import LowRankConfig, apply_lowrank
+
+    if ctx.reference is None:
+        raise EdgeCompressError("the lowrank step needs the uncompressed model, and none was kept",
+                                hint="run lowrank through run_recipe, or pass StepContext(reference=...)")
+    cfg = LowRankConfig(method=step.method, rank=step.rank, targets=tuple(step.targets), ignore=tuple(step.ignore),
+                        value_dtype=step.value_dtype)
+    return apply_lowrank(model, ctx.reference, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
+
+
 STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = {
     "quantize": _apply_quantize,
     "awq": _apply_awq,
     "mixed_precision": _apply_mixed,
     "smoothquant": _apply_smoothquant,
     "steer": _apply_steer,
+    "sparsify": _apply_sparsify,
+    "lowrank": _apply_lowrank,
 }
 
 
@@ -236,6 +260,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     if tok is None:
         raise EdgeCompressError(f"{recipe.model.source} has no tokenizer; text calibration needs one")
     needs_reference = recipe.check is not None or any(e.reference for e in recipe.export)
+    needs_reference = needs_reference or any(s.step_type == "lowrank" for s in recipe.steps)
     reference = copy.deepcopy(model) if needs_reference else None
     timings["load_s"] = time.perf_counter() - t0
 
@@ -254,7 +279,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     for i, step in enumerate(recipe.steps):
         console.log(f"step {i}: {step.step_type}")
         records = STEP_APPLIERS[step.step_type](model, step, StepContext(windows, store, progress, cal.batch_size,
-                                                                          tokenizer=tok))
+                                                                          tokenizer=tok, reference=reference))
         steps.append({"step": step.step_type, "config": step.model_dump(mode="json"), "modules": records})
     timings["steps_s"] = time.perf_counter() - t
 

@@ -61,7 +61,9 @@ __all__ = [
     "CheckSpec",
     "ExportSpec",
     "ModelSpec",
+    "LowRankStep",
     "QuantizeStep",
+    "SparsifyStep",
     "Recipe",
     "SteerStep",
     "Step",
@@ -508,6 +510,106 @@ class SteerStep(StepConfig):
         return self
 
 
+_NM_PATTERN_RE = re.compile(r"(\d+):(\d+)")
+
+
+def _check_pattern(value: str) -> str:
+    m = _NM_PATTERN_RE.fullmatch(value)
+    if value == "unstructured" or (m is not None and 0 < int(m.group(1)) < int(m.group(2))):
+        return value
+    raise PydanticCustomError(
+        "pattern_error", "{value} is not a sparsity pattern: use 'unstructured' or 'N:M' with 0 < N < M "
+        "(N kept of every M inputs, e.g. '2:4' or '4:8')", {"value": _show(value)})
+
+
+SparsityPattern = Annotated[StrictStr, AfterValidator(_check_pattern)]
+SparsifyMethod = _choice("magnitude", "wanda", "sparsegpt")
+SparsityAllocation = _choice("uniform", "owl")
+
+
+class SparsifyStep(StepConfig):
+    """Weight pruning of the decoder's Linear layers (magnitude, Wanda or SparseGPT), unstructured or N:M;
+    pruned layers are stored as values + bitmask. Put it before quantize: a later rtn/gptq keeps the zeros."""
+
+    step_type: ClassVar[str] = "sparsify"
+
+    method: SparsifyMethod = Field(
+        "wanda", description="Pruning method: magnitude (|W|, per layer), wanda (|W| * input norm, per output row; "
+        "Sun et al. 2023) or sparsegpt (Hessian OBS with weight update, sequential; Frantar & Alistarh 2023).")
+    sparsity: StrictFloat | None = Field(
+        None, ge=0, lt=1, description="Fraction of weights pruned, in [0, 1); unstructured only (default 0.5). "
+        "An N:M pattern implies 1 - N/M.")
+    pattern: SparsityPattern = Field(
+        "unstructured", description="'unstructured' or 'N:M' (keep N of every M consecutive inputs: '2:4', '4:8').")
+    targets: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (".*",), min_length=1, description="Regexes (re.search) over module names selecting the layers to prune "
+        "(Linear layers inside the decoder blocks only).")
+    ignore: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (), description="Regexes (re.search) over module names to leave dense, even if targeted.")
+    damp: StrictFloat = Field(0.01, gt=0, le=1, description="sparsegpt: damping added to the Hessian diagonal, "
+                              "as a fraction of its mean.")
+    block: StrictInt = Field(128, ge=1, description="sparsegpt: columns per lazy update (and per adaptive mask).")
+    value_dtype: ScaleDtype = Field("float16", description="Storage dtype of the kept values: float16 (values "
+                                    "are rounded to it, so storing them is lossless) or float32.")
+    allocation: SparsityAllocation = Field(
+        "uniform", description="uniform (every layer at `sparsity`) or owl (per-block sparsities within "
+        "sparsity +- owl_lambda, lower where Wanda scores have more outliers; Yin et al. 2023; unstructured only).")
+    owl_lambda: StrictFloat = Field(0.08, ge=0, lt=0.5, description="owl: largest deviation of a block's sparsity "
+                                    "from `sparsity`.")
+    owl_m: StrictFloat = Field(5.0, gt=0, description="owl: a Wanda score counts as an outlier above owl_m times "
+                               "its block's mean.")
+
+    @model_validator(mode="after")
+    def _sparsity_matches_pattern(self) -> SparsifyStep:
+        if self.allocation == "owl" and self.pattern != "unstructured":
+            raise _located_error(("allocation",), self.allocation, "allocation_pattern",
+                                 "owl allocation varies the sparsity per block; it needs pattern: unstructured, "
+                                 "not {pattern}", {"pattern": self.pattern})
+        if self.allocation == "owl" and not self.owl_lambda < min(self.effective_sparsity,
+                                                                  1 - self.effective_sparsity):
+            raise _located_error(("owl_lambda",), self.owl_lambda, "owl_lambda",
+                                 "owl_lambda {value} must be below min(sparsity, 1 - sparsity) = {bound}",
+                                 {"value": _show(self.owl_lambda),
+                                  "bound": f"{min(self.effective_sparsity, 1 - self.effective_sparsity):g}"})
+        if self.pattern != "unstructured" and self.sparsity is not None:
+            n, m = (int(v) for v in self.pattern.split(":"))
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise _located_error(
+                    ("sparsity",), self.sparsity, "sparsity_pattern",
+                    "sparsity {value} contradicts pattern {pattern} (which prunes {implied}); leave sparsity out",
+                    {"value": _show(self.sparsity), "pattern": self.pattern, "implied": f"{1 - n / m:g}"})
+        return self
+
+    @property
+    def effective_sparsity(self) -> float:
+        if self.pattern == "unstructured":
+            return 0.5 if self.sparsity is None else self.sparsity
+        n, m = (int(v) for v in self.pattern.split(":"))
+        return 1 - n / m
+
+
+LowRankMethod = _choice("eora", "svd")
+
+
+class LowRankStep(StepConfig):
+    """Low-rank compensation of the compression error of quantized/pruned decoder linears: W_c + B A with
+    rank-r factors fitted to W - W_c (eora: weighted by the calibration input covariance; svd: plain)."""
+
+    step_type: ClassVar[str] = "lowrank"
+
+    method: LowRankMethod = Field(
+        "eora", description="eora (eigenspace-projected SVD minimising the output error on the calibration "
+        "inputs, sequential; Liu et al. 2024) or svd (truncated SVD of the weight error, no data).")
+    rank: StrictInt = Field(16, ge=1, description="Rank r of the correction B [N, r] A [r, K] of every layer.")
+    targets: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (".*",), min_length=1, description="Regexes (re.search) over module names selecting the compressed "
+        "layers to compensate (quantized or pruned Linear layers inside the decoder blocks).")
+    ignore: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (), description="Regexes (re.search) over module names to leave uncompensated.")
+    value_dtype: ScaleDtype = Field("float16", description="Storage dtype of the factors: float16 (rounded to "
+                                    "it, so storing them is lossless) or float32.")
+
+
 #: Registered step types: the YAML key of a step item -> its config model.
 STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
@@ -515,6 +617,8 @@ STEP_TYPES: dict[str, type[StepConfig]] = {
     MixedPrecisionStep.step_type: MixedPrecisionStep,
     SmoothQuantStep.step_type: SmoothQuantStep,
     SteerStep.step_type: SteerStep,
+    SparsifyStep.step_type: SparsifyStep,
+    LowRankStep.step_type: LowRankStep,
 }
 
 

@@ -119,6 +119,9 @@ def matmulnbits_ok(p: BlockQuantizedTensor) -> bool:
 def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
                 cache: WeightCache) -> tuple[str, LayerFormat]:
     """Emit ``y = mod(x)``; return the output name and the layer's format record."""
+    extra = _emit_extra_linear(g, x, mod, base, opts, cache)
+    if extra is not None:
+        return extra
     if isinstance(mod, QuantLinear) and isinstance(mod.packed, FP4Tensor):
         y, fmt = _emit_fp4_custom(g, x, mod.packed, base, opts)
         bias = mod.bias
@@ -216,6 +219,29 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
         except ValueError:
             return None
     return None
+
+
+def _emit_extra_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
+                       cache: WeightCache) -> tuple[str, LayerFormat] | None:
+    """Sparse weights (``edgecompress::SparseMatMul``, :mod:`.onnx_sparse`) and low-rank corrections
+    (the base layer plus two small ``MatMul``s, :mod:`.onnx_lowrank`); None for the other formats."""
+    from edgecompress.compress.lowrank.apply import LowRankLinear
+    from edgecompress.compress.sparse.format import SparseLinear
+
+    if isinstance(mod, LowRankLinear):
+        from .onnx_lowrank import emit_lowrank_linear
+
+        return emit_lowrank_linear(g, x, mod, base, opts, cache)
+    if isinstance(mod, SparseLinear):
+        from .onnx_sparse import emit_sparse_linear
+
+        y, fmt = emit_sparse_linear(g, x, mod, base)
+    else:
+        return None
+    if mod.bias is not None:
+        fmt.initializers["bias"] = g.initializer(f"{base}.bias", _np(mod.bias).astype(np.float32))
+        y = g.op("Add", y, fmt.initializers["bias"], name=f"{base}/bias")
+    return y, fmt
 
 
 def _emit_int8_qdq(g: GraphBuilder, x: str, p: BlockQuantizedTensor, base: str,

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from edgecompress.artifact import Artifact
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
 from edgecompress.compress.quant.fp4 import FP4Tensor
+from edgecompress.compress.sparse.format import SparseTensor
 
 from .base import Generation, Runtime, Timer
 
@@ -49,6 +50,11 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
     if "input_scale" in layer["initializers"]:
         raise NotImplementedError(f"torch runtime does not simulate the static activation quantization of "
                                   f"{layer['module']} (W8A8); run this artifact on ort-cpu")
+    if "lowrank_a" in inits:  # a low-rank correction: base weight + (A^T B^T)^T
+        base = {**layer, "initializers": {k_: v for k_, v in inits.items() if not k_.startswith("lowrank_")}}
+        a_t = np.asarray(get(inits["lowrank_a"]), dtype=np.float32)  # [K, r]
+        b_t = np.asarray(get(inits["lowrank_b"]), dtype=np.float32)  # [r, N]
+        return decode_layer(base, get) + torch.from_numpy((a_t @ b_t).T.copy())
     if op in ("MatMulNBits", "GatherBlockQuantized"):
         b = get(inits["B"])
         scales = np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1)  # a writable copy
@@ -69,6 +75,10 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
         b = torch.from_numpy(get(inits["B"]).copy())
         scales = torch.from_numpy(np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1))
         return FP4Tensor(b, scales, layer["block_size"], (n, k)).to_float()
+    if op == "edgecompress::SparseMatMul":  # kept values + LSB-first bitmask
+        values = torch.from_numpy(np.array(get(inits["values"]), dtype=np.float32).reshape(-1))
+        bitmask = torch.from_numpy(get(inits["bitmask"]).copy())
+        return SparseTensor(values, bitmask, (n, k)).to_float()
     if op == "DequantizeLinear+MatMul":
         q = get(inits["qweight"]).astype(np.float32)  # [K, N]
         s = get(inits["scales"]).astype(np.float32)

@@ -63,7 +63,8 @@ def _upper_chol_inverse(H: torch.Tensor, damp: float, tries: int, where: str) ->
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(), *,
-                  clip: float | torch.Tensor = 1.0) -> tuple[BlockQuantizedTensor, dict]:
+                  clip: float | torch.Tensor = 1.0,
+                  keep: torch.Tensor | None = None) -> tuple[BlockQuantizedTensor, dict]:
     """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
     Pre-trained Transformers"; cf. IST-DASLab/gptq ``fasterquant``) of ``W [N, K]`` given ``H [K, K]``.
 
@@ -75,6 +76,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
     from the current error-updated weights when the sweep reaches the group; with
     ``cfg.act_order`` they are "static": all computed up front from the original ``W``.
     Dead inputs (``H_ii == 0``) get ``H_ii = 1`` and zero weights.
+
+    ``keep`` (bool ``[N, K]``, from a sparsify step) pins the pruned weights: they are coded as
+    the code of 0 (``zp``), so they dequantize to exactly 0 whatever the error feedback wrote into
+    them, and their error ``w_ij - 0`` is fed forward like any rounding error (SparseGPT's joint
+    sparsity + quantization); group scales are taken over the kept weights only.
 
     Returns the packed tensor and ``{"damp_used", "loss", "dead_columns"}``: ``damp_used`` is the
     relative damping that succeeded; ``loss = sum_j ||w_j - q_j||^2 / U_jj^2``, which equals
@@ -97,6 +103,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
     W[:, dead] = 0.0
     if isinstance(clip, torch.Tensor) and clip.dim() > 0:
         clip = torch.broadcast_to(clip.to(torch.float32), (N, n_groups))
+    if keep is not None and keep.shape != (N, K):
+        raise ValueError(f"GPTQ {where}: keep mask {tuple(keep.shape)} does not match the weight")
+    kept = torch.ones(N, n_groups * G) if keep is None else torch.zeros(N, n_groups * G)
+    if keep is not None:
+        kept[:, :K] = keep.to(torch.float32)
 
     def group_scales(cols: torch.Tensor, g: slice):  # cols [N, n*G] (zero-padded) -> scales/zp [N, n]
         c = clip[:, g] if isinstance(clip, torch.Tensor) and clip.dim() > 0 else clip
@@ -106,7 +117,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         padded = torch.zeros(N, n_groups * G)
         padded[:, :K] = W
-        scales, zp = group_scales(padded, slice(None))
+        scales, zp = group_scales(padded * kept, slice(None))
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = torch.arange(K)
@@ -129,13 +140,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
                 cur[:, : min(ge, i2) - j] = W1[:, i: min(ge, i2) - i1]
                 if ge > i2:  # beyond this lazy block: apply the pending updates now
                     cur[:, i2 - j: ge - j] = W[:, i2:ge] - Err1[:, :i] @ U[i1:j, i2:ge]
-                s, z = group_scales(cur, slice(g, g + 1))
+                s, z = group_scales(cur * kept[:, j: j + G], slice(g, g + 1))
                 scales[:, g] = s[:, 0]
                 if zp is not None:
                     zp[:, g] = z[:, 0]
             s, z = scales[:, g], None if zp is None else zp[:, g]
             w = W1[:, i]
-            c = encode(w.unsqueeze(-1), s, z, scheme.bits)
+            c = encode((w * kept[:, perm[j]]).unsqueeze(-1), s, z, scheme.bits)  # pruned: the code of 0
             q = decode(c, s, z, scheme.bits).squeeze(-1)
             codes[:, j] = c.squeeze(-1)
             err = (w - q) / U[j, j]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from edgecompress.compress.sparse.format import SparseLinear
 from edgecompress.errors import EdgeCompressError
 
 from .formats import BlockQuantizedTensor, QuantScheme, quantize_blockwise
@@ -124,7 +125,8 @@ def apply_rtn(model: nn.Module, cfg: RTNConfig) -> list[QuantRecord]:
             log.info("%s stays fp32: it is tied to the embedding and embeddings: false", tied[0])
 
     for name, mod in list(model.named_modules()):
-        if name in skip or not isinstance(mod, nn.Linear) or not select(name, cfg.targets, cfg.ignore):
+        # a pruned layer (SparseLinear) quantizes like a Linear: a zero codes as zp and decodes to exactly 0
+        if name in skip or not isinstance(mod, (nn.Linear, SparseLinear)) or not select(name, cfg.targets, cfg.ignore):
             continue
         packed = quantize_weight(mod.weight, scheme)
         _set_module(model, name, QuantLinear(packed, mod.bias))

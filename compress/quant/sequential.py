@@ -19,6 +19,8 @@ from torch import nn
 
 from edgecompress.compress.calibration.driver import StatRequest, calibrate, sequential_calibrate
 from edgecompress.compress.calibration.store import StatsStore
+from edgecompress.compress.sparse.format import SparseLinear
+from edgecompress.errors import EdgeCompressError
 
 from .formats import QuantScheme
 from .gptq import GPTQConfig, gptq_quantize
@@ -33,6 +35,8 @@ SchemeFor = Callable[[str], "QuantScheme | None"]
 SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj",  # Llama
                 "key": "query", "value": "query"}  # BERT self-attention
 OBSERVED = r"\.(q_proj|o_proj|gate_proj|down_proj)$"
+# modules whose inputs are observed: plain, pruned (a later GPTQ keeps the zeros) or already quantized
+LINEAR_TYPES = (nn.Linear, SparseLinear, QuantLinear)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -74,21 +78,25 @@ def apply_gptq(model: nn.Module, batches: torch.Tensor, scheme: QuantScheme | Sc
     check_targets(model, targets)
     blocks = decoder_blocks(model)
     records: list[dict[str, Any]] = []
-    requests = [StatRequest(OBSERVED, "hessian")]
+    requests = [StatRequest(OBSERVED, "hessian", module_types=LINEAR_TYPES)]
     n_tokens = int(batches.numel())
 
     def on_block(i: int, block: nn.Module, store: StatsStore) -> None:
         prefix = _block_prefix(model, block)
         for name, mod in list(block.named_modules()):
             full = f"{prefix}.{name}"
-            sch = scheme_for(full) if type(mod) is nn.Linear and select(full, targets, ignore) else None
+            sparse = isinstance(mod, SparseLinear)
+            plain = type(mod) is nn.Linear or sparse
+            sch = scheme_for(full) if plain and select(full, targets, ignore) else None
             if sch is None:
                 continue
             H = store.get(stat_source(full), "hessian")["hessian"]
-            packed, diag = gptq_quantize(mod.weight.data, H, sch, cfg)
+            keep = mod.mask() if sparse else None  # a pruned layer: its zeros stay exactly zero
+            packed, diag = gptq_quantize(mod.weight.data, H, sch, cfg, keep=keep)
             _set_module(model, full, QuantLinear(packed, mod.bias))
-            records.append({**asdict(QuantRecord(full, "block_int", sch.bits, packed.block_size,
-                                                 sch.symmetric, packed.shape)), "gptq": diag})
+            rec = {**asdict(QuantRecord(full, "block_int", sch.bits, packed.block_size, sch.symmetric,
+                                        packed.shape)), "gptq": diag}
+            records.append({**rec, "sparsity": round(mod.sparse.sparsity, 6)} if sparse else rec)
         _drop(store, prefix)  # this block's Hessians are spent
 
     sequential_calibrate(model, batches, blocks, requests, on_block, progress=progress, batch_size=batch_size)
@@ -133,6 +141,11 @@ def apply_awq(model: nn.Module, batches: torch.Tensor, cfg: Any, *, progress: bo
     from .awq import awq_block_
 
     blocks = decoder_blocks(model)
+    pruned = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    if pruned:
+        raise EdgeCompressError(f"awq after sparsify: {pruned[0]} (and {len(pruned) - 1} more) is already pruned, "
+                                "and AWQ's rescaling would rewrite its stored values",
+                                hint="put the awq step before sparsify (awq -> sparsify -> quantize)")
     records: list[dict[str, Any]] = []
     requests = [StatRequest(OBSERVED, "hessian"), StatRequest(OBSERVED, "meansq")]
 

@@ -1,0 +1,1 @@
+"""Low-rank error compensation (EoRA / plain SVD) for compressed linear layers."""
