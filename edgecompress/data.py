@@ -264,6 +264,7 @@ def sentence_batches(tokenizer: Any, source: str, n: int, *, max_len: int = 128,
         enc = tokenizer(sentences[i: i + batch_size], padding=True, truncation=True, max_length=max_len,
                         return_tensors="pt")
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
 
 
 # ----------------------------------------------------------------------------- prompt sets
