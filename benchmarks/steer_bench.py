@@ -180,7 +180,12 @@ def plot(res: dict, path: Path) -> None:
                     xytext=(4, 4), fontsize=8)
     ax.set_xlabel("perplexity ratio on neutral text (side effect)")
     ax.set_ylabel("length reduction" if res["task"] == "concise" else "sentiment shift (MiniLM)")
-    ax.set_title(f"SmolLM2-135M steering ({res['task']}): effect vs side effect")
+    if "steered" in res:  # the recipe's own strength, measured on the ORT artifact (more prompts)
+        st = res["steered"]
+        ax.plot([st["perplexity_ratio"]], [headline(st, res["task"])], "s", color="C3",
+                label=f"baked artifact, a={res['steer'][0]['strength']:.3g}")
+        ax.legend(fontsize=8)
+    ax.set_title(f"SmolLM2-135M {res['task']} steering", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
