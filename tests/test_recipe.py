@@ -187,7 +187,7 @@ def test_unknown_key_names_line_path_valid_keys_and_suggestion():
         export:
           - format: onnx
     """, "recipes/x.yaml")
-    assert "recipes/x.yaml line 6: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, embeddings, group_size, " in msg
+    assert "recipes/x.yaml line 6: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, dtype, embeddings, group_size, " in msg
     assert "did you mean 'bits'?" in msg
 
 
@@ -300,8 +300,8 @@ def test_multiple_errors_in_one_recipe_error_sorted_by_line():
     lines = problem_lines(msg)
     assert lines == [
         "x.yaml line 5: calibration.samples: expected an integer, got 'many'",
-        "x.yaml line 8: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, embeddings, "
-        "group_size, ignore, method, preset, scale_dtype, symmetric, targets (did you mean 'bits'?)",
+        "x.yaml line 8: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, dtype, "
+        "embeddings, group_size, ignore, method, preset, scale_dtype, symmetric, targets (did you mean 'bits'?)",
         "x.yaml line 9: steps[0].quantize.bits: 5 is not one of 3, 4, 8",
         f"x.yaml line 10: steps[1].shrink: unknown step type; valid step types: {', '.join(sorted(STEP_TYPES))}",
         "x.yaml line 12: export[0].format: 'tflite' is not one of 'onnx'",
