@@ -261,7 +261,7 @@ def test_module_function_needs_allow_code():
 
 def test_threshold_keys_are_limited():
     msg = errors_of(MINIMAL + "check:\n  thresholds:\n    ppl: 1.5\n")
-    assert "line 10: check.thresholds.ppl: unknown key; valid keys: kl, perplexity_ratio, top1_agreement" in msg
+    assert "line 10: check.thresholds.ppl: unknown key; valid keys: cosine_mean, cosine_worst, kl, neighbor_agreement, perplexity_ratio, top1_agreement" in msg
 
 
 def test_missing_required_keys():
