@@ -224,10 +224,15 @@ def calibration_summary(store: StatsStore, windows: torch.Tensor | list, source:
 
 
 def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: ExportSpec,
-                  manifest: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
-    """Write one artifact folder (model files, HF files, manifest) into ``dest``."""
+                  manifest: dict[str, Any], *, progress: bool = False,
+                  calibration: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Write one artifact folder (model files, HF files, manifest) into ``dest``.
+
+    ``calibration``: the recipe's calibration batches, for the activation ranges of an NPU target."""
     from edgecompress.export.onnx_export import export_causal_lm, export_sentence_encoder
 
+    if spec.target == "npu-qnn":
+        return _export_npu(model, loaded, dest, spec, manifest, calibration or [], progress)
     exporters = {"causal-lm": export_causal_lm, "sentence-encoder": export_sentence_encoder}
     if loaded.task not in exporters:
         raise EdgeCompressError(f"ONNX export of {loaded.task} models is not implemented yet",
@@ -238,6 +243,22 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
     with ticker(n_layers, f"exporting {spec.name}", progress) as advance:
         body = exporters[loaded.task](model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv,
                                       progress=advance)
+    loaded.save_hf_files(dest, model=model)
+    return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
+
+
+def _export_npu(model: nn.Module, loaded: LoadedModel, dest: Path, spec: ExportSpec, manifest: dict[str, Any],
+                calibration: list[dict[str, torch.Tensor]], progress: bool) -> dict[str, Any]:
+    from edgecompress.export.npu import export_npu_encoder
+
+    if loaded.task != "sentence-encoder":
+        raise EdgeCompressError(f"the npu-qnn target exports sentence encoders in this release, not {loaded.task}",
+                                hint="export causal LMs for the cpu target (the NPU prefill/decode pair is not built yet)")
+    dest.mkdir(parents=True)
+    feeds = [{k: v.numpy() for k, v in b.items()} for b in calibration]
+    with ticker(model.config.num_hidden_layers, f"exporting {spec.name} for the NPU", progress) as advance:
+        body = export_npu_encoder(model, dest, feeds, static_shapes=spec.static_shapes,
+                                  activations=spec.npu_activations, progress=advance)
     loaded.save_hf_files(dest, model=model)
     return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
 
@@ -293,7 +314,8 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
             console.log(f"exporting [bold]{spec.name}[/] ({spec.format}, {'reference' if spec.reference else 'compressed'})")
             src = reference if spec.reference else model
             manifest = {**base_manifest, "steps": [] if spec.reference else steps}
-            m = export_target(src, loaded, tmp / spec.name, spec, manifest, progress=progress)
+            m = export_target(src, loaded, tmp / spec.name, spec, manifest, progress=progress,
+                              calibration=windows if loaded.task == "sentence-encoder" else None)
             report["exports"][spec.name] = {"size_mb": m["size_bytes"] / 1e6, **m["weights"],
                                             "op_counts": m["onnx"]["op_counts"], "reference": spec.reference}
         timings["export_s"] = time.perf_counter() - t

@@ -186,7 +186,8 @@ GroupSize = Annotated[
 ]
 ScaleDtype = _choice("float16", "float32")
 ExportFormat = _choice("onnx")
-ExportTarget = _choice("cpu")
+ExportTarget = _choice("cpu", "npu-qnn")
+NpuActivations = _choice("uint16", "uint8")
 AccuracyLevel = _choice(0, 1, 2, 3, 4)
 Runtime = _choice(*RUNTIMES)  # the runtime registry is the one list of names
 
@@ -703,7 +704,18 @@ class ExportSpec(BaseModel):
         None,
         description="Sub-folder name of this target, unique within the recipe; default: format + index (onnx0, onnx1, ...).",
     )
-    target: ExportTarget = Field("cpu", description="Hardware the export is built for: cpu.")
+    target: ExportTarget = Field(
+        "cpu",
+        description="Hardware the export is built for: cpu, or npu-qnn (Qualcomm HTP through onnxruntime-qnn: "
+        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders).",
+    )
+    static_shapes: dict[str, StrictInt] | None = Field(
+        None,
+        description="npu-qnn: the value of every symbolic input dimension, e.g. {batch_size: 1, sequence_length: 64}.",
+    )
+    npu_activations: NpuActivations = Field(
+        "uint16", description="npu-qnn: activation type of the QDQ graph, uint16 or uint8."
+    )
     accuracy_level: AccuracyLevel = Field(
         4,
         description="MatMulNBits accuracy_level, 0-4 (4 = int8 activations in the matmul on CPU).",
@@ -716,6 +728,27 @@ class ExportSpec(BaseModel):
         False,
         description="Export the UNCOMPRESSED model instead (the steps are not applied), for side-by-side runs.",
     )
+
+    @model_validator(mode="after")
+    def _npu_needs_static_shapes(self) -> ExportSpec:
+        if self.target == "npu-qnn":
+            missing = [d for d in ("batch_size", "sequence_length") if d not in (self.static_shapes or {})]
+            if missing:
+                raise _located_error(
+                    ("static_shapes",), self.static_shapes, "npu_static_shapes",
+                    "target npu-qnn needs static shapes; missing dimension(s): {missing} "
+                    "(e.g. static_shapes with batch_size: 1 and sequence_length: 64)",
+                    {"missing": ", ".join(missing)},
+                )
+            bad = {k: v for k, v in self.static_shapes.items() if v < 1}
+            if bad:
+                raise _located_error(("static_shapes",), self.static_shapes, "npu_static_shapes",
+                                     "static dimensions must be at least 1: {bad}", {"bad": _show(bad)})
+        elif self.static_shapes is not None:
+            raise _located_error(("static_shapes",), self.static_shapes, "npu_static_shapes",
+                                 "static_shapes is for target npu-qnn; this export's target is {target}",
+                                 {"target": self.target})
+        return self
 
 
 class Thresholds(BaseModel):

@@ -11,6 +11,7 @@ from .base import EncoderRuntime, Generation, Runtime
 RUNTIMES = {
     "ort-cpu": {"causal-lm": "edgecompress.runtimes.ort_cpu:OrtCpuRuntime",
                 "sentence-encoder": "edgecompress.runtimes.ort_cpu:OrtCpuEncoder"},
+    "qnn-htp": {"sentence-encoder": "edgecompress.runtimes.qnn_htp:QnnHtpEncoder"},
     "torch": {"causal-lm": "edgecompress.runtimes.torch_ref:TorchRuntime"},
 }
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 from edgecompress.artifact import Artifact
+from edgecompress.errors import EdgeCompressError
 
 
 @dataclass
@@ -69,6 +71,39 @@ class EncoderRuntime(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+def static_shape(artifact: Artifact) -> tuple[int, int] | None:
+    """(batch, sequence length) of a static NPU encoder artifact, or None for a dynamic one."""
+    npu = artifact.manifest.get("npu")
+    if not npu:
+        return None
+    shapes = npu["static_shapes"]
+    return int(shapes["batch_size"]), int(shapes["sequence_length"])
+
+
+def run_static(run_fn, artifact: Artifact, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Feed ``[B, L]`` inputs to a static ``[b, S]`` encoder: rows in chunks of b, padded to S (a
+    sentence longer than S is an error: it would be silently truncated)."""
+    b, s = static_shape(artifact)
+    ids, mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64)
+    if ids.shape[1] > s:
+        if mask[:, s:].any():
+            raise EdgeCompressError(f"inputs of {ids.shape[1]} tokens do not fit the NPU artifact's static "
+                                    f"sequence length {s}", hint=f"truncate to {s} tokens (check: seq_len: {s})")
+        ids, mask = ids[:, :s], mask[:, :s]
+    pad = s - ids.shape[1]
+    ids = np.pad(ids, ((0, 0), (0, pad)))
+    mask = np.pad(mask, ((0, 0), (0, pad)))
+    outs = []
+    for i in range(0, len(ids), b):
+        chunk_ids, chunk_mask = ids[i:i + b], mask[i:i + b]
+        n = len(chunk_ids)
+        if n < b:  # pad the batch with copies of the last row; their outputs are dropped
+            chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], b - n, 0)])
+            chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], b - n, 0)])
+        outs.append(run_fn({"input_ids": chunk_ids, "attention_mask": chunk_mask})[:n])
+    return np.concatenate(outs)
 
 
 class Timer:

@@ -8,7 +8,7 @@ the logits live in NumPy arrays that ORT reads and writes directly (no copies pe
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -16,7 +16,7 @@ import onnxruntime as ort
 from edgecompress.artifact import Artifact
 from edgecompress.errors import ArtifactError
 
-from .base import EncoderRuntime, Generation, Runtime, Timer
+from .base import EncoderRuntime, Generation, Runtime, Timer, run_static, static_shape
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class OrtCpuEncoder(EncoderRuntime):
         self.session = open_session(artifact, threads)
 
     def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if static_shape(self.artifact) is not None:  # an NPU artifact: fixed [batch, sequence] inputs
+            return run_static(lambda f: self.session.run(["sentence_embedding"], f)[0], self.artifact,
+                              input_ids, attention_mask)
         feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64)}
         return self.session.run(["sentence_embedding"], feeds)[0]
 

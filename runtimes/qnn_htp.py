@@ -1,0 +1,130 @@
+"""Qualcomm HTP (NPU) through the ``onnxruntime-qnn`` plugin; on x86-64 Linux its HTP backend is a simulator.
+
+Sessions register the plugin library, pick the QNN device from ``ort.get_ep_devices()``, use the HTP
+backend and set ``session.disable_cpu_ep_fallback=1``: a graph that does not run entirely on the HTP
+fails to load (ORT names the unsupported nodes) instead of silently running on the CPU.
+:func:`placement` counts the nodes each execution provider ran (from ORT's profile), so "0 CPU nodes"
+is measured, not assumed.
+
+An NPU artifact carries its compiled QNN context (``model_ctx.onnx``, an ``EPContext`` node holding the
+HTP graph) next to the QDQ ``model.onnx``: loading the context skips compilation. The manifest records
+the onnxruntime-qnn version that built it; under another version the runtime compiles the QDQ model
+again (and says so) rather than load a binary the backend may misread.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgecompress.artifact import Artifact
+from edgecompress.errors import ArtifactError, EdgeCompressError
+
+from .base import EncoderRuntime, run_static, static_shape
+
+log = logging.getLogger(__name__)
+
+CONTEXT_FILE = "model_ctx.onnx"
+_INSTALL_HINT = "pip install onnxruntime-qnn==2.7.0 (or: pip install -e '.[npu]'); its x86-64 Linux wheel simulates the HTP"
+
+
+def qnn_version() -> str | None:
+    """The installed onnxruntime-qnn version, or None."""
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        return None
+    return onnxruntime_qnn.__version__
+
+
+def _devices():
+    import onnxruntime as ort
+
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        raise EdgeCompressError("the qnn-htp runtime needs the onnxruntime-qnn plugin, which is not installed",
+                                hint=_INSTALL_HINT) from None
+    if not any(d.ep_name == "QNNExecutionProvider" for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+    devs = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
+    if not devs:
+        raise EdgeCompressError("onnxruntime-qnn is installed but exposes no QNN device", hint=_INSTALL_HINT)
+    return devs, onnxruntime_qnn.get_qnn_htp_path()
+
+
+def htp_session(path: str | Path, *, threads: int | None = None, profile: bool = False,
+                context_out: str | Path | None = None):
+    """An ORT session on the QNN HTP backend with CPU fallback disabled.
+
+    ``context_out``: also write the compiled QNN context there (an ``EPContext`` model, embedded)."""
+    import onnxruntime as ort
+
+    devs, backend = _devices()
+    so = ort.SessionOptions()
+    so.add_provider_for_devices(devs, {"backend_path": backend})
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "edgecompress_qnn_profile")
+    if context_out is not None:
+        so.add_session_config_entry("ep.context_enable", "1")
+        so.add_session_config_entry("ep.context_file_path", str(context_out))
+        so.add_session_config_entry("ep.context_embed_mode", "1")
+    try:
+        return ort.InferenceSession(str(path), so)
+    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types
+        raise ArtifactError(f"QNN HTP cannot run {path} with CPU fallback disabled: {e}",
+                            hint="export the model with `target: npu-qnn` (static shapes, QDQ); ops it names "
+                            "are not supported by the HTP") from None
+
+
+def placement(session, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """Run ``session`` (made with ``profile=True``) once; return {execution provider: nodes it ran}."""
+    session.run(None, feeds)
+    path = session.end_profiling()
+    try:
+        events = json.loads(Path(path).read_text())
+    finally:
+        Path(path).unlink(missing_ok=True)
+    counts: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            counts[e.get("args", {}).get("provider", "?")] += 1
+    return dict(counts)
+
+
+class QnnHtpEncoder(EncoderRuntime):
+    """A static NPU sentence-encoder artifact on the QNN HTP backend (CPU fallback disabled)."""
+
+    name = "qnn-htp"
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None):
+        super().__init__(artifact, threads=threads)
+        if static_shape(artifact) is None:
+            raise ArtifactError(f"{artifact.path} is not an NPU artifact (no static shapes in its manifest)",
+                                hint="export it with `target: npu-qnn` and static_shapes, or use runtime ort-cpu")
+        npu = artifact.manifest["npu"]
+        ctx = artifact.path / npu["context"] if npu.get("context") else None
+        built_with, here = npu.get("onnxruntime_qnn"), qnn_version()
+        if ctx is not None and ctx.exists() and built_with == here:
+            self.session = htp_session(ctx, threads=threads)
+            self.compiled_from = "context"
+        else:
+            if ctx is not None:
+                log.warning("the QNN context in %s was built by onnxruntime-qnn %s, this is %s: compiling the QDQ "
+                            "model instead", artifact.path, built_with, here)
+            self.session = htp_session(artifact.onnx_path, threads=threads)
+            self.compiled_from = "qdq"
+
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return run_static(lambda f: self.session.run(["sentence_embedding"], f)[0], self.artifact,
+                          input_ids, attention_mask)
