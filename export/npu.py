@@ -95,6 +95,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = str(dst)
         so.log_severity_level = 3
+        ort.set_default_logger_severity(3)  # "removing unused initializer" from the folding is expected
         # MatMulAddFusion would turn MatMul+bias into Gemm, hiding the weights from the per-channel rule
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"])
         return onnx.load(str(dst))
@@ -328,7 +329,12 @@ def export_npu_encoder(model, dest: Path, calibration: list[Mapping[str, np.ndar
                        progress=None) -> dict:
     """Write a static QDQ sentence-encoder NPU artifact body into ``dest``: ``model.onnx`` and, when
     onnxruntime-qnn is installed, the compiled HTP context ``model_ctx.onnx``. Returns manifest fields."""
-    from edgecompress.runtimes.qnn_htp import CONTEXT_FILE, htp_session, placement, qnn_version
+    from edgecompress.runtimes.qnn_htp import (
+        CONTEXT_FILE,
+        htp_session,
+        placement,
+        qnn_version,
+    )
 
     from .onnx_encoder import build_bert_encoder
     from .onnx_export import MODEL_FILE

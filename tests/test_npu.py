@@ -1,0 +1,235 @@
+"""NPU target: the graph passes (must-match / must-not-match, ORT before == after), the npu-qnn export of
+sentence encoders and the qnn-htp runtime (HTP simulator, CPU fallback disabled)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from edgecompress.export.npu import (
+    NpuExportError,
+    clamp_mask_sentinels,
+    fuse_l2_normalize,
+    make_static,
+    unsupported_nodes,
+)
+from edgecompress.runtimes.qnn_htp import qnn_version
+from onnx import TensorProto, helper, numpy_helper
+
+from edgecompress.cli import main
+
+needs_qnn = pytest.mark.skipif(qnn_version() is None, reason="onnxruntime-qnn is not installed")
+
+
+def _model(nodes, inputs, outputs, inits=()):
+    g = helper.make_graph(nodes, "t", inputs, outputs, initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run(m, feeds):
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)[0]
+
+
+def _masked_softmax(sentinel):
+    """softmax(scores + (1 - mask) * sentinel) with a scalar sentinel initializer."""
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Sub", ["one", "mask"], ["inv"]), helper.make_node("Mul", ["inv", "fill"], ["bias"]),
+             helper.make_node("Add", ["scores", "bias"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["probs"], axis=-1)]
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(sentinel, np.float32), "fill")]
+    return _model(nodes, [helper.make_tensor_value_info("scores", f, [2, 6]),
+                          helper.make_tensor_value_info("mask", f, [2, 6])],
+                  [helper.make_tensor_value_info("probs", f, [2, 6])], inits)
+
+
+def test_mask_sentinel_clamp_keeps_the_softmax():
+    rng = np.random.default_rng(0)
+    feeds = {"scores": rng.normal(0, 4, (2, 6)).astype(np.float32),
+             "mask": np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], np.float32)}
+    m = _masked_softmax(np.finfo(np.float32).min)
+    before = _run(m, feeds)
+    assert clamp_mask_sentinels(m) == ["fill"]
+    assert float(numpy_helper.to_array(m.graph.initializer[1])) == -100.0
+    np.testing.assert_allclose(_run(m, feeds), before, atol=1e-7)
+    assert before[:, 4:].max() == 0.0  # masked positions really are masked
+
+
+@pytest.mark.parametrize("value", [-5.0, 0.0, 3e38])
+def test_mask_sentinel_clamp_leaves_ordinary_scalars(value):
+    m = _masked_softmax(value)
+    assert clamp_mask_sentinels(m) == []
+    assert numpy_helper.to_array(m.graph.initializer[1]) == np.float32(value)
+
+
+def test_mask_sentinel_clamp_leaves_weight_tensors():
+    w = np.full((2, 2), -1e9, np.float32)  # a tensor, not a broadcast sentinel
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [numpy_helper.from_array(w, "w")])
+    assert clamp_mask_sentinels(m) == []
+
+
+def _l2norm(axes=(-1,), eps=1e-12, extra_use=False):
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("ReduceL2", ["x", "axes"], ["norm"], keepdims=1),
+             helper.make_node("Max", ["norm", "eps"], ["clamped"]),
+             helper.make_node("Div", ["x", "clamped"], ["y"], name="l2/normalize")]
+    outs = [helper.make_tensor_value_info("y", f, [3, 5])]
+    if extra_use:
+        nodes.append(helper.make_node("Identity", ["norm"], ["norm_out"]))
+        outs.append(helper.make_tensor_value_info("norm_out", f, [3, 1]))
+    inits = [numpy_helper.from_array(np.array(list(axes), np.int64), "axes"),
+             numpy_helper.from_array(np.array(eps, np.float32), "eps")]
+    return _model(nodes, [helper.make_tensor_value_info("x", f, [3, 5])], outs, inits)
+
+
+@pytest.mark.parametrize("axes", [(-1,), (1,)])
+def test_l2_normalize_fuses_into_lpnormalization(axes):
+    x = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    m = _l2norm(axes)
+    before = _run(m, {"x": x})
+    assert fuse_l2_normalize(m) == ["l2/normalize"]
+    assert [n.op_type for n in m.graph.node] == ["LpNormalization"]
+    np.testing.assert_allclose(_run(m, {"x": x}), before, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [{"axes": (0,)}, {"eps": 0.5}, {"extra_use": True}])
+def test_l2_normalize_leaves_other_patterns(kw):
+    m = _l2norm(**kw)
+    ops = [n.op_type for n in m.graph.node]
+    assert fuse_l2_normalize(m) == []
+    assert [n.op_type for n in m.graph.node] == ops
+
+
+def test_make_static_sets_dims_and_names_a_missing_one():
+    f = TensorProto.FLOAT
+    m = _model([helper.make_node("Relu", ["x"], ["y"])], [helper.make_tensor_value_info("x", f, ["batch", "seq"])],
+               [helper.make_tensor_value_info("y", f, ["batch", "seq"])])
+    s = make_static(m, {"batch": 1, "seq": 64})
+    assert [d.dim_value for d in s.graph.input[0].type.tensor_type.shape.dim] == [1, 64]
+    assert [d.dim_value for d in s.graph.output[0].type.tensor_type.shape.dim] == [1, 64]
+    with pytest.raises(NpuExportError, match="'seq'"):
+        make_static(m, {"batch": 1})
+
+
+def test_unsupported_nodes_name_node_and_op():
+    f = TensorProto.FLOAT
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"], name="ok"),
+         helper.make_node("NonZero", ["a"], ["b"], name="nz"),
+         helper.make_node("MatMulNBits", ["a"], ["c"], name="q4", domain="com.microsoft")],
+        "t", [helper.make_tensor_value_info("x", f, [2])], []))
+    assert unsupported_nodes(m) == [("nz", "NonZero"), ("q4", "com.microsoft::MatMulNBits")]
+
+
+BERT_NPU = """\
+name: tiny-bert-npu
+model: {source: tiny-bert}
+calibration: {samples: 16, seq_len: 32}
+%s
+export:
+  - name: npu
+    target: npu-qnn
+    static_shapes: {batch_size: 2, sequence_length: 32}
+check:
+  runtime: %s
+  export: npu
+  seq_len: 32
+  windows: 6
+  thresholds: {cosine_mean: 0.98, cosine_worst: 0.9}
+"""
+
+
+def test_npu_target_needs_static_shapes(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((BERT_NPU % ("", "ort-cpu")).replace("batch_size: 2, ", ""))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 2
+    assert "missing dimension(s): batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_npu_export_refuses_a_quantized_model(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BERT_NPU % ("steps:\n  - quantize: {preset: w8a16}", "ort-cpu"))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "quantizes the model itself" in err and "drop the quantize step" in err
+    assert not (tmp_path / "out" / "tiny-bert-npu").exists()
+
+
+def test_npu_export_runs_on_ort_cpu(tmp_path):
+    """The static QDQ artifact, checked on the CPU EP (also where onnxruntime-qnn is missing)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BERT_NPU % ("", "ort-cpu"))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    art = tmp_path / "out" / "tiny-bert-npu" / "npu"
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["npu"]["static_shapes"] == {"batch_size": 2, "sequence_length": 32}
+    assert m["npu"]["rewrites"]["mask_sentinels_clamped"] and m["npu"]["rewrites"]["l2_normalize_fused"]
+    ops = m["onnx"]["op_counts"]
+    assert ops["QuantizeLinear"] > 10 and "Gemm" not in ops and "MatMulNBits" not in ops
+    assert m["weights"]["params_by_format"]["int8"] > 0  # per-channel MatMul weights
+    model = onnx.load(str(art / "model.onnx"))
+    assert all(d.HasField("dim_value") for i in model.graph.input for d in i.type.tensor_type.shape.dim)
+    report = json.loads((tmp_path / "out" / "tiny-bert-npu" / "report.json").read_text())
+    assert report["check"]["passed"] and report["check"]["sentences"] == 6
+
+
+@needs_qnn
+def test_npu_export_runs_fully_on_the_htp_and_matches_the_cpu_ep(tmp_path):
+    from edgecompress.runtimes import open_runtime
+
+    from edgecompress.artifact import Artifact
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(BERT_NPU % ("", "qnn-htp"))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    art = Artifact.load(tmp_path / "out" / "tiny-bert-npu" / "npu")
+    npu = art.manifest["npu"]
+    assert npu["placement"] == {"QNNExecutionProvider": 1}  # one fused HTP partition, no CPU node
+    assert npu["context"] == "model_ctx.onnx" and (art.path / "model_ctx.onnx").exists()
+    htp = open_runtime("qnn-htp", art)
+    assert htp.compiled_from == "context"
+    cpu = open_runtime("ort-cpu", art)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 200, (3, 20))  # 3 rows: one padded batch row; 20 tokens: padded to 32
+    mask = np.ones_like(ids)
+    mask[1, 12:] = 0
+    a, b = htp.embed(ids, mask), cpu.embed(ids, mask)
+    assert a.shape == (3, art.config().hidden_size)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999, cos  # distinct sentences are ~0.95 apart in this model
+    with pytest.raises(Exception, match="static sequence length 32"):
+        htp.embed(np.ones((1, 40), np.int64), np.ones((1, 40), np.int64))
+
+
+@needs_qnn
+def test_qnn_htp_refuses_a_dynamic_artifact(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: d\nmodel: {source: tiny-bert}\ncalibration: {samples: 2, seq_len: 16}\nexport: [{name: x}]\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out"), "--no-bench"]) == 0
+    assert main(["check", str(tmp_path / "out" / "d" / "x"), "--runtime", "qnn-htp", "--windows", "2"]) == 2
+    assert "not an NPU artifact" in capsys.readouterr().err
+
+
+@needs_qnn
+def test_minilm_npu_recipe_on_the_htp(tmp_path):
+    """The shipped recipe on the real model, checked on the HTP simulator with a few held-out sentences."""
+    import yaml
+
+    src = yaml.safe_load(Path("recipes/minilm-l6-npu.yaml").read_text())
+    src["calibration"]["samples"] = 32
+    src["check"]["windows"] = 8
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(src))
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "minilm-l6-npu" / "report.json").read_text())
+    c = report["check"]
+    assert c["passed"] and c["cosine_mean"] >= 0.99 and c["cosine_worst"] >= 0.97 and c["sentences"] == 8
