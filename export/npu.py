@@ -12,6 +12,9 @@ An NPU runs integer graphs with static shapes and no fallback, so an fp32 ONNX g
    ~100 + the real scores', which 16-bit activations resolve to ~0.002.
 3. :func:`fuse_l2_normalize` -- ``x / max(ReduceL2(x), eps)`` becomes one ``LpNormalization``: QNN HTP
    cannot finalize the quantized ``Max`` with a 1e-12 constant (``QNN_COMMON_ERROR_MEM_ALLOC``).
+   :func:`fold_batchnorm` folds inference ``BatchNormalization`` into the ``Conv`` before it (vision
+   models), and :func:`fixed_ranges` gives bounded functions (Softmax, Clip/ReLU6) their exact output
+   range instead of a calibrated one.
 4. :func:`unsupported_nodes` -- every remaining op must be one QNN HTP runs (:data:`QNN_HTP_OPS`); the
    check runs before any calibration, and names node and op.
 5. :func:`quantize_for_qnn` -- QDQ with ONNX Runtime's QNN quantization rules (``get_qnn_qdq_config``:
@@ -210,6 +213,81 @@ def _rank_of(model: onnx.ModelProto, name: str) -> int | None:
     return None
 
 
+def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Fold ``BatchNormalization`` (inference form, constant statistics) into the ``Conv`` before it, in
+    place: ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b − μ)·γ/√(σ²+ε) + β``. Returns the folded BN
+    names. A BN whose input is not a constant-weight ``Conv`` used only by it is left alone."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    graph_outputs = {o.name for o in model.graph.output}
+    folded, drop, new_inits = [], set(), {}
+    for bn in model.graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producers.get(bn.input[0])
+        if (conv is None or conv.op_type != "Conv" or conv.input[1] not in inits
+                or uses.get(conv.output[0], 0) != 1 or conv.output[0] in graph_outputs
+                or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)
+                or not all(t in inits for t in bn.input[1:5])):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[t]).astype(np.float64) for t in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+             if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        factor = gamma / np.sqrt(var + eps)
+        w_name, b_name = conv.input[1] + "/bn_folded", bn.name + "/folded_bias"
+        new_inits[w_name] = numpy_helper.from_array((w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32),
+                                                    w_name)
+        new_inits[b_name] = numpy_helper.from_array(((b - mean) * factor + beta).astype(np.float32), b_name)
+        inputs = [conv.input[0], w_name, b_name]
+        conv.ClearField("input")
+        conv.input.extend(inputs)
+        conv.output[0] = bn.output[0]
+        drop.add(id(bn))
+        folded.append(bn.name)
+    if folded:
+        nodes = [n for n in model.graph.node if id(n) not in drop]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(new_inits.values())
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return folded
+
+
+def _scalar(model: onnx.ModelProto, name: str) -> float | None:
+    v = _constant_value(model, name) if name else None
+    return None if v is None or v.size != 1 else float(v.reshape(-1)[0])
+
+
+def fixed_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """Output ranges known from the function, not from calibration: ``Softmax`` [0, 1], ``Sigmoid``
+    [0, 1], ``Tanh`` [-1, 1], ``Clip`` with constant bounds (ReLU6: [0, 6]). A calibrated range can only
+    be narrower by chance of the calibration data, and then clips real inputs."""
+    out: dict[str, tuple[float, float]] = {}
+    for n in model.graph.node:
+        if n.op_type in ("Softmax", "Sigmoid"):
+            out[n.output[0]] = (0.0, 1.0)
+        elif n.op_type == "Tanh":
+            out[n.output[0]] = (-1.0, 1.0)
+        elif n.op_type == "Clip" and len(n.input) == 3:
+            lo, hi = _scalar(model, n.input[1]), _scalar(model, n.input[2])
+            if lo is not None and hi is not None:
+                out[n.output[0]] = (lo, hi)
+    return out
+
+
+def _op_outputs(model: onnx.ModelProto, ops: tuple[str, ...]) -> set[str]:
+    return {n.output[0] for n in model.graph.node if n.op_type in ops}
+
+
 def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """``(node name, op)`` of every node QNN HTP does not run (see :data:`QNN_HTP_OPS`)."""
     return [(n.name or n.output[0], (n.domain + "::" if n.domain else "") + n.op_type) for n in model.graph.node
@@ -229,7 +307,8 @@ def prepare_for_npu(model: onnx.ModelProto, dims: Mapping[str, int]) -> tuple[on
     """Static shapes + folding + rewrites + op check (all before calibration). Returns the graph and a
     record of what was rewritten, for the manifest."""
     model = fold_constants(make_static(model, dims))
-    record = {"mask_sentinels_clamped": clamp_mask_sentinels(model),
+    record = {"batchnorms_folded": fold_batchnorm(model),
+              "mask_sentinels_clamped": clamp_mask_sentinels(model),
               "l2_normalize_fused": fuse_l2_normalize(model)}
     require_supported(model)
     return model, record
@@ -262,6 +341,11 @@ def quantize_for_qnn(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     for n in model.graph.node:  # lookup tables (embeddings): 8-bit like the other weights, not activation-typed
         if n.op_type == "Gather" and n.input[0] in inits:
             overrides[n.input[0]] = [{"quant_type": QuantType.QUInt8}]
+    # Softmax and Clip get their function's range; Sigmoid/Tanh are left to ORT's QNN rules, which pin
+    # the exact scale and zero point the HTP requires for them at 16 bits
+    for t, (lo, hi) in fixed_ranges(model).items():
+        if t not in overrides and t in _op_outputs(model, ("Softmax", "Clip")):
+            overrides[t] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
     act = QuantType.QUInt16 if activations == "uint16" else QuantType.QUInt8
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"

@@ -11,6 +11,8 @@ import pytest
 from edgecompress.export.npu import (
     NpuExportError,
     clamp_mask_sentinels,
+    fixed_ranges,
+    fold_batchnorm,
     fuse_l2_normalize,
     make_static,
     unsupported_nodes,
@@ -106,6 +108,57 @@ def test_l2_normalize_leaves_other_patterns(kw):
     ops = [n.op_type for n in m.graph.node]
     assert fuse_l2_normalize(m) == []
     assert [n.op_type for n in m.graph.node] == ops
+
+
+def _conv_bn(with_bias=True, between=None, extra_use=False):
+    rng = np.random.default_rng(2)
+    f = TensorProto.FLOAT
+    conv_in = ["x", "w", "b"] if with_bias else ["x", "w"]
+    nodes = [helper.make_node("Conv", conv_in, ["c"], pads=[1, 1, 1, 1])]
+    src = "c"
+    if between:
+        nodes.append(helper.make_node(between, ["c"], ["r"]))
+        src = "r"
+    nodes.append(helper.make_node("BatchNormalization", [src, "g", "beta", "mu", "var"], ["y"], name="bn",
+                                  epsilon=1e-3))
+    outs = [helper.make_tensor_value_info("y", f, [1, 4, 5, 5])]
+    if extra_use:
+        outs.append(helper.make_tensor_value_info("c", f, [1, 4, 5, 5]))
+    arr = {"w": rng.normal(size=(4, 3, 3, 3)), "b": rng.normal(size=4), "g": rng.uniform(0.5, 2, 4),
+           "beta": rng.normal(size=4), "mu": rng.normal(size=4), "var": rng.uniform(0.1, 2, 4)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arr.items() if with_bias or k != "b"]
+    return _model(nodes, [helper.make_tensor_value_info("x", f, [1, 3, 5, 5])], outs, inits)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_batchnorm_folds_into_conv(with_bias):
+    x = np.random.default_rng(3).normal(size=(1, 3, 5, 5)).astype(np.float32)
+    m = _conv_bn(with_bias)
+    before = _run(m, {"x": x})
+    assert fold_batchnorm(m) == ["bn"]
+    assert [n.op_type for n in m.graph.node] == ["Conv"]
+    onnx.checker.check_model(m)
+    np.testing.assert_allclose(_run(m, {"x": x}), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{"between": "Relu"}, {"extra_use": True}])
+def test_batchnorm_fold_leaves_other_patterns(kw):
+    m = _conv_bn(**kw)
+    ops = [n.op_type for n in m.graph.node]
+    assert fold_batchnorm(m) == []
+    assert [n.op_type for n in m.graph.node] == ops
+
+
+def test_fixed_ranges_of_bounded_functions():
+    f = TensorProto.FLOAT
+    m = _model([helper.make_node("Softmax", ["x"], ["s"]), helper.make_node("Sigmoid", ["x"], ["g"]),
+                helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Clip", ["x", "lo", "hi"], ["r6"]),
+                helper.make_node("Clip", ["x", "lo", ""], ["r0"]), helper.make_node("Relu", ["x"], ["r"])],
+               [helper.make_tensor_value_info("x", f, [2, 3])],
+               [helper.make_tensor_value_info(n, f, [2, 3]) for n in ("s", "g", "t", "r6", "r0", "r")],
+               [numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+                numpy_helper.from_array(np.array(6.0, np.float32), "hi")])
+    assert fixed_ranges(m) == {"s": (0.0, 1.0), "g": (0.0, 1.0), "t": (-1.0, 1.0), "r6": (0.0, 6.0)}
 
 
 def test_make_static_sets_dims_and_names_a_missing_one():
