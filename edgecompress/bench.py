@@ -79,8 +79,13 @@ def bench_artifact(artifact: Artifact, runtime: str = "ort-cpu", *, prompt_token
 def _bench_encoder(artifact: Artifact, rt: Any, runtime: str, *, threads: int | None, repeats: int, data: str,
                    sentences: int = 64, max_len: int = 128) -> dict[str, Any]:
     """Sentences/s embedding ``sentences`` held-out sentences one at a time (as an app would)."""
+    from edgecompress.runtimes.base import static_shape
+
     from .data import sentence_batches
 
+    static = static_shape(artifact)
+    if static is not None:  # an NPU artifact: sentences at most its static length
+        max_len = min(max_len, static[1])
     batches = sentence_batches(artifact.tokenizer(), data, sentences, max_len=max_len)
     b0 = batches[0]
     rt.embed(b0["input_ids"].numpy(), b0["attention_mask"].numpy())  # warm-up

@@ -233,6 +233,8 @@ def test_npu_export_runs_on_ort_cpu(tmp_path):
     assert all(d.HasField("dim_value") for i in model.graph.input for d in i.type.tensor_type.shape.dim)
     report = json.loads((tmp_path / "out" / "tiny-bert-npu" / "report.json").read_text())
     assert report["check"]["passed"] and report["check"]["sentences"] == 6
+    # bench feeds held-out sentences cut to the static length (longer ones would not fit)
+    assert main(["bench", str(art), "--runtime", "ort-cpu", "--repeats", "1", "--json"]) == 0
 
 
 @needs_qnn
@@ -259,6 +261,7 @@ def test_npu_export_runs_fully_on_the_htp_and_matches_the_cpu_ep(tmp_path):
     assert a.shape == (3, art.config().hidden_size)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.999, cos  # distinct sentences are ~0.95 apart in this model
+    assert main(["bench", str(art.path), "--runtime", "qnn-htp", "--repeats", "1", "--json"]) == 0
     with pytest.raises(Exception, match="static sequence length 32"):
         htp.embed(np.ones((1, 40), np.int64), np.ones((1, 40), np.int64))
 
