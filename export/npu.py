@@ -20,7 +20,7 @@ An NPU runs integer graphs with static shapes and no fallback, so an fp32 ONNX g
 5. :func:`quantize_for_qnn` -- QDQ with ONNX Runtime's QNN quantization rules (``get_qnn_qdq_config``:
    which tensors must share scales, which ops need 16-bit or symmetric inputs), uint16 (or uint8)
    activations with ranges calibrated on the recipe's data, **int8 symmetric per-output-channel**
-   MatMul weights (per-tensor uint8 weights cost MiniLM ~0.03 of embedding cosine), and uint8 for the
+   MatMul/Gemm/Conv weights (per-tensor uint8 weights cost MiniLM ~0.03 of embedding cosine), and uint8 for the
    other constants (embedding tables, LayerNorm weights).
 
 Measured on all-MiniLM-L6-v2 (BENCHMARKS.md): ORT's own QNN recipe on the plain graph gives cosine
@@ -67,11 +67,16 @@ class NpuExportError(EdgeCompressError):
 def make_static(model: onnx.ModelProto, dims: Mapping[str, int]) -> onnx.ModelProto:
     """A copy of ``model`` whose symbolic input/output dimensions are replaced by ``dims[name]``.
 
-    Raises :class:`NpuExportError` naming the first symbolic dimension ``dims`` does not give."""
+    Raises :class:`NpuExportError` naming the first symbolic input dimension ``dims`` does not give (an
+    output dimension ``dims`` does not name is left to shape inference)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {o.name for o in model.graph.output}
     for vi in list(model.graph.input) + list(model.graph.output):
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_value"):
+                continue
+            if d.dim_param not in dims and vi.name in outputs:
+                d.Clear()  # an output dimension follows from the inputs' (exporters name them freely)
                 continue
             if d.dim_param not in dims:
                 raise NpuExportError(
@@ -318,8 +323,8 @@ def prepare_for_npu(model: onnx.ModelProto, dims: Mapping[str, int]) -> tuple[on
 
 def quantize_for_qnn(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
                      activations: str = "uint16") -> onnx.ModelProto:
-    """QDQ ``model`` for QNN HTP: calibrated ``activations`` (uint16 | uint8), int8 per-channel MatMul
-    weights, uint8 other constants. ``feeds``: calibration inputs with the static shapes."""
+    """QDQ ``model`` for QNN HTP: calibrated ``activations`` (uint16 | uint8), int8 per-channel
+    MatMul/Gemm/Conv weights, uint8 other constants. ``feeds``: calibration inputs with the static shapes."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -336,8 +341,12 @@ def quantize_for_qnn(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
             return next(self._it, None)
 
     inits = {i.name for i in model.graph.initializer}
-    overrides = {n.input[1]: [{"axis": 1, "quant_type": QuantType.QInt8, "symmetric": True}]
-                 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    overrides = {}
+    for n in model.graph.node:  # weights: int8 symmetric per output channel
+        if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in inits:
+            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+            axis = 1 if n.op_type == "MatMul" or (n.op_type == "Gemm" and not trans_b) else 0
+            overrides[n.input[1]] = [{"axis": axis, "quant_type": QuantType.QInt8, "symmetric": True}]
     for n in model.graph.node:  # lookup tables (embeddings): 8-bit like the other weights, not activation-typed
         if n.op_type == "Gather" and n.input[0] in inits:
             overrides[n.input[0]] = [{"quant_type": QuantType.QUInt8}]
@@ -413,15 +422,7 @@ def export_npu_encoder(model, dest: Path, calibration: list[Mapping[str, np.ndar
                        progress=None) -> dict:
     """Write a static QDQ sentence-encoder NPU artifact body into ``dest``: ``model.onnx`` and, when
     onnxruntime-qnn is installed, the compiled HTP context ``model_ctx.onnx``. Returns manifest fields."""
-    from edgecompress.runtimes.qnn_htp import (
-        CONTEXT_FILE,
-        htp_session,
-        placement,
-        qnn_version,
-    )
-
     from .onnx_encoder import build_bert_encoder
-    from .onnx_export import MODEL_FILE
 
     proto, formats = build_bert_encoder(model, progress=progress)
     compressed = sorted({f.format for f in formats} - {"fp32"})
@@ -429,9 +430,38 @@ def export_npu_encoder(model, dest: Path, calibration: list[Mapping[str, np.ndar
         raise NpuExportError(f"the npu-qnn export quantizes the model itself, but it is already {compressed}",
                              hint="drop the quantize step (keep smoothquant, steering, pruning) or export it for "
                              "the cpu target")
-    proto, rewrites = prepare_for_npu(proto, static_shapes)
     batch, seq = int(static_shapes["batch_size"]), int(static_shapes["sequence_length"])
-    feeds = pad_feeds(calibration, batch, seq)
+    return write_npu_artifact(proto, dest, pad_feeds(calibration, batch, seq), static_shapes=static_shapes,
+                              activations=activations)
+
+
+def image_classifier_onnx(model, *, batch: int = 1, size: int = 224) -> onnx.ModelProto:
+    """An image classifier (``[B, 3, H, W]`` -> logits) as a static fp32 ONNX graph (``pixel_values`` ->
+    ``logits``), through torch's TorchScript exporter (which also folds eval-mode BatchNorm)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.onnx.export(model.eval(), torch.zeros(batch, 3, size, size), buf, input_names=["pixel_values"],
+                      output_names=["logits"], opset_version=21, dynamo=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str, np.ndarray]], *,
+                       static_shapes: Mapping[str, int], activations: str = "uint16") -> dict:
+    """Prepare (static shapes, rewrites, op check), QDQ-quantize on ``feeds`` and write ``dest/model.onnx``
+    (+ the compiled HTP context when onnxruntime-qnn is installed). Returns manifest fields."""
+    from edgecompress.runtimes.qnn_htp import (
+        CONTEXT_FILE,
+        htp_session,
+        placement,
+        qnn_version,
+    )
+
+    from .onnx_export import MODEL_FILE
+
+    proto, rewrites = prepare_for_npu(proto, static_shapes)
     qdq = quantize_for_qnn(proto, feeds, activations=activations)
     onnx.save(qdq, str(dest / MODEL_FILE))
     ops: dict[str, int] = {}
@@ -439,7 +469,8 @@ def export_npu_encoder(model, dest: Path, calibration: list[Mapping[str, np.ndar
         key = f"{node.domain + '::' if node.domain else ''}{node.op_type}"
         ops[key] = ops.get(key, 0) + 1
     npu = {"target": "qnn-htp", "static_shapes": dict(static_shapes), "activations": activations,
-           "weights": "int8 symmetric per output channel (MatMul); uint8 per tensor (embedding tables, other constants)",
+           "weights": "int8 symmetric per output channel (MatMul/Gemm/Conv); uint8 per tensor (embedding tables, "
+                      "other constants)",
            "calibration_feeds": len(feeds), "rewrites": rewrites, "onnxruntime_qnn": qnn_version(),
            "context": None, "placement": None}
     if npu["onnxruntime_qnn"] is not None:

@@ -289,3 +289,32 @@ def test_minilm_npu_recipe_on_the_htp(tmp_path):
     report = json.loads((tmp_path / "out" / "minilm-l6-npu" / "report.json").read_text())
     c = report["check"]
     assert c["passed"] and c["cosine_mean"] >= 0.99 and c["cosine_worst"] >= 0.97 and c["sentences"] == 8
+
+
+@needs_qnn
+def test_image_classifier_npu_artifact_runs_fully_on_the_htp(tmp_path):
+    """tiny EfficientNet-Lite: TorchScript export (BN folded), int8 per-channel Conv/Gemm weights, uint16
+    activations; the HTP runs it with CPU fallback disabled and agrees with the CPU EP and with torch."""
+    import torch
+    from edgecompress.export.npu import image_classifier_onnx, write_npu_artifact
+    from edgecompress.runtimes.qnn_htp import htp_session
+
+    from edgecompress.models import load_model
+
+    model = load_model("tiny-efficientnet").model.eval()
+    proto = image_classifier_onnx(model, size=64)
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32) for _ in range(12)]
+    body = write_npu_artifact(proto, tmp_path, [{"pixel_values": x} for x in images[:8]],
+                              static_shapes={})
+    assert body["npu"]["placement"] == {"QNNExecutionProvider": 1}
+    assert body["weights"]["params_by_format"]["int8"] > 0.9 * body["weights"]["weight_params"]
+    htp = htp_session(tmp_path / "model_ctx.onnx")
+    cpu = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for x in images[8:]:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        a, b = htp.run(None, {"pixel_values": x})[0], cpu.run(None, {"pixel_values": x})[0]
+        np.testing.assert_allclose(a, b, atol=0.05 * np.abs(b).max())
+        np.testing.assert_allclose(a, ref, atol=0.15 * np.abs(ref).max())
