@@ -147,18 +147,23 @@ def _constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     return None
 
 
+def _graph_index(model: onnx.ModelProto) -> tuple[dict[str, onnx.NodeProto], dict[str, int], set[str]]:
+    """(producer node of each tensor, number of node inputs reading each tensor, graph output names)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    return producers, uses, {o.name for o in model.graph.output}
+
+
 def fuse_l2_normalize(model: onnx.ModelProto, *, max_eps: float = 1e-6) -> list[str]:
     """Rewrite ``Div(x, Max(ReduceL2(x, axes=[last], keepdims=1), eps))`` (eps <= ``max_eps``) into
     ``LpNormalization(x, axis=-1, p=2)``, in place; returns the names of the ``Div`` nodes replaced.
 
     ``LpNormalization`` divides by the norm without the clamp: it differs only for a vector with norm
     below ``eps``, which a pooled embedding is not."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    graph_outputs = {o.name for o in model.graph.output}
+    producers, consumers, graph_outputs = _graph_index(model)
     replace: dict[str, onnx.NodeProto] = {}
     drop: set[str] = set()
     for div in model.graph.node:
@@ -223,12 +228,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
     place: ``W' = W·γ/√(σ²+ε)`` per output channel, ``b' = (b − μ)·γ/√(σ²+ε) + β``. Returns the folded BN
     names. A BN whose input is not a constant-weight ``Conv`` used only by it is left alone."""
     inits = {i.name: i for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    graph_outputs = {o.name for o in model.graph.output}
+    producers, uses, graph_outputs = _graph_index(model)
     folded, drop, new_inits = [], set(), {}
     for bn in model.graph.node:
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
