@@ -229,10 +229,13 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
     """Write one artifact folder (model files, HF files, manifest) into ``dest``.
 
     ``calibration``: the recipe's calibration batches, for the activation ranges of an NPU target."""
+    from edgecompress.export.npu import export_npu_encoder
     from edgecompress.export.onnx_export import export_causal_lm, export_sentence_encoder
 
-    if spec.target == "npu-qnn":
-        return _export_npu(model, loaded, dest, spec, manifest, calibration or [], progress)
+    npu = spec.target == "npu-qnn"
+    if npu and loaded.task != "sentence-encoder":
+        raise EdgeCompressError(f"the npu-qnn target exports sentence encoders in this release, not {loaded.task}",
+                                hint="export causal LMs for the cpu target (the NPU prefill/decode pair is not built yet)")
     exporters = {"causal-lm": export_causal_lm, "sentence-encoder": export_sentence_encoder}
     if loaded.task not in exporters:
         raise EdgeCompressError(f"ONNX export of {loaded.task} models is not implemented yet",
@@ -240,25 +243,14 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
                                 "encoders (minilm-l6, tiny-bert)")
     dest.mkdir(parents=True)
     n_layers = model.config.num_hidden_layers
-    with ticker(n_layers, f"exporting {spec.name}", progress) as advance:
-        body = exporters[loaded.task](model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv,
-                                      progress=advance)
-    loaded.save_hf_files(dest, model=model)
-    return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
-
-
-def _export_npu(model: nn.Module, loaded: LoadedModel, dest: Path, spec: ExportSpec, manifest: dict[str, Any],
-                calibration: list[dict[str, torch.Tensor]], progress: bool) -> dict[str, Any]:
-    from edgecompress.export.npu import export_npu_encoder
-
-    if loaded.task != "sentence-encoder":
-        raise EdgeCompressError(f"the npu-qnn target exports sentence encoders in this release, not {loaded.task}",
-                                hint="export causal LMs for the cpu target (the NPU prefill/decode pair is not built yet)")
-    dest.mkdir(parents=True)
-    feeds = [{k: v.numpy() for k, v in b.items()} for b in calibration]
-    with ticker(model.config.num_hidden_layers, f"exporting {spec.name} for the NPU", progress) as advance:
-        body = export_npu_encoder(model, dest, feeds, static_shapes=spec.static_shapes,
-                                  activations=spec.npu_activations, progress=advance)
+    with ticker(n_layers, f"exporting {spec.name}{' for the NPU' if npu else ''}", progress) as advance:
+        if npu:
+            feeds = [{k: v.numpy() for k, v in b.items()} for b in calibration or []]
+            body = export_npu_encoder(model, dest, feeds, static_shapes=spec.static_shapes,
+                                      activations=spec.npu_activations, progress=advance)
+        else:
+            body = exporters[loaded.task](model, dest, accuracy_level=spec.accuracy_level, fuse=spec.fuse_qkv,
+                                          progress=advance)
     loaded.save_hf_files(dest, model=model)
     return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
 
