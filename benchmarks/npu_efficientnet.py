@@ -5,8 +5,8 @@ file into calibration (even indices, 2 random crops each) and evaluation (odd in
 so no evaluation image is seen in calibration. Crops are resized to 224, randomly flipped, scaled to
 ``(x - 0.5) / 0.5``. The graph: TorchScript export (BN folded), int8 symmetric per-channel Conv/Gemm
 weights, uint16 activations (``write_npu_artifact``); run on the CPU EP and on the HTP with CPU fallback
-disabled. ``--weights int16`` reruns the CPU EP with 16-bit weights (the HTP rejects 16-bit Conv weights)
-to show where the loss is.
+disabled. A second QDQ model of the same graph with 16-bit per-channel weights (everything else the same)
+shows where the loss is; the HTP is asked to load it too.
 
     .venv/bin/python benchmarks/npu_efficientnet.py
 """
@@ -95,7 +95,41 @@ def main() -> None:
         t = time.perf_counter()
         res["htp"] = agreement(lambda x: htp.run(None, {"pixel_values": x})[0][0], ev, refs)
         res["htp_s_per_image"] = round((time.perf_counter() - t) / len(ev), 2)
+        res["int16_weights"] = int16_weights(Path(tmp), image_classifier_onnx(model), cal, ev, refs)
     print(json.dumps(res, indent=2))
+
+
+def int16_weights(tmp: Path, proto, cal, ev, refs) -> dict:
+    """The same preparation and QDQ rules with int16 instead of int8 per-channel Conv/Gemm weights."""
+    import onnx
+    from edgecompress.export.npu import prepare_for_npu
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    prepared, _ = prepare_for_npu(proto, {})
+    onnx.save(prepared, str(tmp / "w16_fp32.onnx"))
+    inits = {i.name for i in prepared.graph.initializer}
+    overrides = {n.input[1]: [{"axis": 0, "quant_type": QuantType.QInt16, "symmetric": True}]
+                 for n in prepared.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"pixel_values": x} for x in cal])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    cfg = get_qnn_qdq_config(str(tmp / "w16_fp32.onnx"), Reader(), activation_type=QuantType.QUInt16,
+                             weight_type=QuantType.QUInt8, init_overrides=overrides)
+    quantize(str(tmp / "w16_fp32.onnx"), str(tmp / "w16.onnx"), cfg)
+    cpu = ort.InferenceSession(str(tmp / "w16.onnx"), providers=["CPUExecutionProvider"])
+    out = {"cpu_ep": agreement(lambda x: cpu.run(None, {"pixel_values": x})[0][0], ev, refs)}
+    try:
+        htp_session(tmp / "w16.onnx")
+        out["htp"] = "loads"
+    except Exception as e:  # noqa: BLE001 - report why the HTP refuses it
+        out["htp"] = "refused: " + str(e).split("disabled: ")[-1][:200]
+    return out
 
 
 if __name__ == "__main__":
