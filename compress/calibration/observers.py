@@ -518,9 +518,83 @@ class SampleObserver(Observer):
         return obs
 
 
+class LogHistogramObserver(Observer):
+    """Per-tensor histogram of log2|x| over a fixed range of octaves ``[lo, hi)``.
+
+    Why not :class:`HistogramObserver`: activation-sparsity thresholds sit at low quantiles of |x|
+    while a few tokens carry magnitudes 1000x larger (massive activations), so a linear histogram
+    that spans the maximum has bins wider than the threshold itself. Log-spaced bins keep one
+    relative resolution everywhere (``2**(1/bins_per_octave)``, 1.1% by default); the fixed range
+    makes merging a plain sum. Magnitudes below ``2**lo`` (exact zeros included) fall in bin 0,
+    above ``2**hi`` in the last bin; non-finite values are ignored.
+    """
+
+    name = "loghist"
+
+    def __init__(self, bins: int = 4096, lo: float = -32.0, hi: float = 32.0) -> None:
+        super().__init__()
+        if bins < 2 or not hi > lo:
+            raise ValueError(f"need bins >= 2 and hi > lo, got bins={bins}, [{lo}, {hi})")
+        self.bins, self.lo, self.hi = bins, float(lo), float(hi)
+        self.hist = np.zeros(bins, dtype=np.float64)
+
+    @property
+    def ratio(self) -> float:
+        """Upper over lower edge of one bin: quantiles are exact to this factor."""
+        return 2.0 ** ((self.hi - self.lo) / self.bins)
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = _tokens(x)
+        a = rows.abs().flatten()
+        a = a[torch.isfinite(a)]
+        if a.numel():
+            pos = (torch.log2(a.double()) - self.lo) * (self.bins / (self.hi - self.lo))
+            idx = torch.nan_to_num(pos, neginf=0.0).floor().long().clamp_(0, self.bins - 1)
+            self.hist += torch.bincount(idx, minlength=self.bins).double().numpy()
+        self.count += rows.shape[0]
+
+    def quantile(self, q: float) -> float:
+        """Magnitude below which a fraction ``q`` (0..1) of the observed |x| fall (log-interpolated in its bin)."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {q}")
+        cdf = np.concatenate([[0.0], np.cumsum(self.hist)])
+        if cdf[-1] == 0:
+            raise ValueError("LogHistogramObserver has seen no data")
+        target = q * cdf[-1]
+        if target == 0:
+            return 0.0
+        b = min(int(np.searchsorted(cdf, target, side="left")), self.bins) - 1
+        frac = (target - cdf[b]) / self.hist[b] if self.hist[b] > 0 else 1.0
+        return float(2.0 ** (self.lo + (b + min(max(frac, 0.0), 1.0)) * (self.hi - self.lo) / self.bins))
+
+    def threshold_for_sparsity(self, s: float) -> float:
+        """Magnitude threshold ``t`` with a fraction ``s`` of the entries at |x| <= t (TEAL-style)."""
+        return self.quantile(s)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"hist": torch.from_numpy(self.hist.astype(np.float32)),
+                "range": torch.tensor([self.lo, self.hi], dtype=torch.float32)}
+
+    def merge(self, other: LogHistogramObserver) -> LogHistogramObserver:
+        if (other.bins, other.lo, other.hi) != (self.bins, self.lo, self.hi):
+            raise ValueError("cannot merge log histograms with different bins or ranges")
+        self.hist = self.hist + other.hist
+        self.count += other.count
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], count: int) -> LogHistogramObserver:
+        lo, hi = (float(v) for v in state["range"].reshape(-1))
+        obs = cls(bins=int(state["hist"].numel()), lo=lo, hi=hi)
+        obs.hist = state["hist"].double().numpy().copy()
+        obs.count = int(count)
+        return obs
+
+
 OBSERVERS: dict[str, type[Observer]] = {
     cls.name: cls for cls in (MinMaxObserver, MeanSquareObserver, HessianObserver, HistogramObserver,
-                              SignedHistogramObserver, SampleObserver, MeanObserver, RowsObserver)
+                              SignedHistogramObserver, LogHistogramObserver, SampleObserver, MeanObserver,
+                              RowsObserver)
 }
 
 
