@@ -196,7 +196,15 @@ def _emit_act_qdq(g: GraphBuilder, x: str, act: ActQuant, base: str) -> tuple[st
 
 def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
     """One projection computing the concatenated outputs of ``mods`` sharing one input (None when
-    their formats, or their input quantization, differ)."""
+    their formats, or their input quantization or activation sparsity, differ)."""
+    from edgecompress.compress.sparse.activation import ActSparseLinear
+
+    if any(isinstance(m, ActSparseLinear) for m in mods):
+        if not all(isinstance(m, ActSparseLinear) and m.site == mods[0].site for m in mods):
+            return None
+        inner = fuse_linears([m.inner for m in mods])
+        return None if inner is None else ActSparseLinear(inner, mods[0].threshold, site=mods[0].site,
+                                                          method=mods[0].method)
     biases = [m.bias for m in mods]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b.detach() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, mods)])
@@ -223,11 +231,17 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
 
 def _emit_extra_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOptions,
                        cache: WeightCache) -> tuple[str, LayerFormat] | None:
-    """Sparse weights (``edgecompress::SparseMatMul``, :mod:`.onnx_sparse`) and low-rank corrections
-    (the base layer plus two small ``MatMul``s, :mod:`.onnx_lowrank`); None for the other formats."""
+    """Sparse weights (``edgecompress::SparseMatMul``, :mod:`.onnx_sparse`), low-rank corrections
+    (the base layer plus two small ``MatMul``s, :mod:`.onnx_lowrank`) and activation-sparse inputs
+    (``edgecompress::ActSparse`` before the inner layer, :mod:`.onnx_act_sparse`); None for the other formats."""
     from edgecompress.compress.lowrank.apply import LowRankLinear
+    from edgecompress.compress.sparse.activation import ActSparseLinear
     from edgecompress.compress.sparse.format import SparseLinear
 
+    if isinstance(mod, ActSparseLinear):
+        from .onnx_act_sparse import emit_act_sparse_linear
+
+        return emit_act_sparse_linear(g, x, mod, base, opts, cache)
     if isinstance(mod, LowRankLinear):
         from .onnx_lowrank import emit_lowrank_linear
 

@@ -18,9 +18,13 @@ from onnx import numpy_helper
 from edgecompress.artifact import Artifact
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
 from edgecompress.compress.quant.fp4 import FP4Tensor
+from edgecompress.compress.sparse.activation import ActSparseLinear
 from edgecompress.compress.sparse.format import SparseTensor
 
 from .base import Generation, Runtime, Timer
+
+
+ACT_SPARSE_OP = "edgecompress::ActSparse"
 
 
 def _unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
@@ -50,6 +54,8 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
     if "input_scale" in layer["initializers"]:
         raise NotImplementedError(f"torch runtime does not simulate the static activation quantization of "
                                   f"{layer['module']} (W8A8); run this artifact on ort-cpu")
+    if op.startswith(f"{ACT_SPARSE_OP}+"):  # the input threshold is applied by load_torch_model
+        return decode_layer({**layer, "onnx_op": op.split("+", 1)[1]}, get)
     if "lowrank_a" in inits:  # a low-rank correction: base weight + (A^T B^T)^T
         base = {**layer, "initializers": {k_: v for k_, v in inits.items() if not k_.startswith("lowrank_")}}
         a_t = np.asarray(get(inits["lowrank_a"]), dtype=np.float32)  # [K, r]
@@ -131,7 +137,23 @@ def load_torch_model(artifact: Artifact) -> torch.nn.Module:
         model.tie_weights()
     # buffers (rotary inv_freq) were created on the meta device: rebuild them on the CPU
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    _wrap_act_sparse(model, artifact.manifest["layers"], get)
     return model.eval()
+
+
+def _wrap_act_sparse(model: torch.nn.Module, layers: list[dict], get: _Initializers) -> None:
+    """Activation-sparse layers (``edgecompress::ActSparse`` before the linear): wrap each with its site's
+    stored threshold, as the compressed torch model was."""
+    for layer in layers:
+        thr = layer["initializers"].get("act_threshold")
+        if thr is None:
+            continue
+        threshold = torch.from_numpy(np.array(get(thr), dtype=np.float32))
+        site, method = thr.removesuffix(".act_threshold"), layer["format"].rsplit("-", 1)[-1]
+        for name, _ in layer.get("parts") or [(layer["module"], 0)]:
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            setattr(owner, child, ActSparseLinear(getattr(owner, child), threshold, site=site, method=method))
 
 
 class TorchRuntime(Runtime):
