@@ -35,7 +35,7 @@ from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_p
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import (AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
+from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
                      SparsifyStep, SteerStep, recipe_to_dict)
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,15 @@ def _apply_lowrank(model: nn.Module, step: LowRankStep, ctx: StepContext) -> lis
     return apply_lowrank(model, ctx.reference, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
 
 
+def _apply_act_sparsify(model: nn.Module, step: ActSparsifyStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.sparse.activation import ActSparsifyConfig, apply_act_sparsify
+
+    cfg = ActSparsifyConfig(method=step.method, sparsity=step.sparsity, allocation=step.allocation,
+                            targets=tuple(step.targets), ignore=tuple(step.ignore), grid=step.grid,
+                            max_level=step.max_level, cost_windows=step.cost_windows)
+    return apply_act_sparsify(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
+
+
 STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = {
     "quantize": _apply_quantize,
     "awq": _apply_awq,
@@ -177,6 +186,7 @@ STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = 
     "steer": _apply_steer,
     "sparsify": _apply_sparsify,
     "lowrank": _apply_lowrank,
+    "sparsify_activations": _apply_act_sparsify,
 }
 
 

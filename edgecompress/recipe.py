@@ -56,6 +56,7 @@ from .errors import RecipeError
 
 __all__ = [
     "STEP_TYPES",
+    "ActSparsifyStep",
     "BenchSpec",
     "CalibrationSpec",
     "CheckSpec",
@@ -611,6 +612,49 @@ class LowRankStep(StepConfig):
                                     "it, so storing them is lossless) or float32.")
 
 
+ActSparseMethod = _choice("teal", "wina")
+ActSparseAllocation = _choice("greedy", "uniform")
+
+
+class ActSparsifyStep(StepConfig):
+    """Activation sparsity with calibrated thresholds: the inputs of q/k/v, o, gate/up and down entries with
+    |x| (teal) or |x| * column norm (wina) under a per-input threshold are zeroed; thresholds are part of
+    the model and of the export (edgecompress::ActSparse)."""
+
+    step_type: ClassVar[str] = "sparsify_activations"
+
+    method: ActSparseMethod = Field(
+        "teal", description="teal (|x_j| <= t; Liu et al. 2024) or wina (|x_j| * ||W[:, j]||_2 <= t, the column "
+        "norms of the weights reading the input; Chen et al. 2025).")
+    sparsity: StrictFloat = Field(
+        0.4, ge=0, lt=1, description="Model-wide target in [0, 1): fraction of the selected linears' inputs zeroed, "
+        "weighted by each linear's parameters (the weight columns skipped).")
+    allocation: ActSparseAllocation = Field(
+        "greedy", description="greedy (per-input sparsities: repeatedly raise the input whose next level costs the "
+        "least block-output error per skipped weight, measured on calibration windows) or uniform (every input "
+        "at `sparsity`).")
+    targets: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (".*",), min_length=1, description="Regexes (re.search) over module names selecting the linears whose "
+        "input is thresholded (inside the decoder blocks).")
+    ignore: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (), description="Regexes (re.search) over module names to leave dense.")
+    grid: StrictFloat = Field(0.05, gt=0, lt=1, description="greedy: spacing of the sparsity levels whose cost is "
+                              "measured per input.")
+    max_level: StrictFloat = Field(0.95, gt=0, lt=1, description="greedy: highest sparsity one input may get.")
+    cost_windows: StrictInt = Field(4, ge=1, description="greedy: calibration windows the costs are measured on.")
+
+    @model_validator(mode="after")
+    def _target_reachable(self) -> ActSparsifyStep:
+        if self.grid > self.max_level:
+            raise _located_error(("grid",), self.grid, "grid_level", "grid {value} is above max_level {bound}",
+                                 {"value": _show(self.grid), "bound": _show(self.max_level)})
+        if self.allocation == "greedy" and self.sparsity > self.max_level:
+            raise _located_error(("sparsity",), self.sparsity, "sparsity_level",
+                                 "sparsity {value} is above max_level {bound}; raise max_level",
+                                 {"value": _show(self.sparsity), "bound": _show(self.max_level)})
+        return self
+
+
 #: Registered step types: the YAML key of a step item -> its config model.
 STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
@@ -620,6 +664,7 @@ STEP_TYPES: dict[str, type[StepConfig]] = {
     SteerStep.step_type: SteerStep,
     SparsifyStep.step_type: SparsifyStep,
     LowRankStep.step_type: LowRankStep,
+    ActSparsifyStep.step_type: ActSparsifyStep,
 }
 
 
