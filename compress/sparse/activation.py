@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecompress.compress.calibration.driver import _main_output, default_forward, sequential_calibrate
+from edgecompress.compress.calibration.driver import _main_output, _with_hidden, default_forward, sequential_calibrate
 from edgecompress.compress.calibration.observers import LogHistogramObserver
 from edgecompress.compress.quant.rtn import _set_module, check_targets, select
 from edgecompress.compress.quant.sequential import LINEAR_TYPES, _block_prefix, decoder_blocks
@@ -68,6 +68,7 @@ class ActSparsifyConfig:
     grid: float = 0.05  # greedy: spacing of the sparsity levels whose costs are measured
     max_level: float = 0.95  # greedy: highest sparsity a site may get
     cost_windows: int = 4  # greedy: calibration windows the costs are measured on
+    cost_at: str = "final"  # greedy: error unit, final hidden states (block curves rescaled) | block output
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,6 +79,8 @@ class ActSparsifyConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if not 0.0 < self.grid <= self.max_level < 1.0:
             raise ValueError(f"need 0 < grid <= max_level < 1, got grid {self.grid}, max_level {self.max_level}")
+        if self.cost_at not in ("final", "block"):
+            raise ValueError(f"cost_at must be final or block, got {self.cost_at!r}")
         if self.allocation == "greedy" and self.sparsity > self.max_level:
             raise ValueError(f"sparsity {self.sparsity} is above max_level {self.max_level}")
 
@@ -268,37 +271,62 @@ def _capture_inputs(blocks: nn.ModuleList) -> Iterator[_BlockInputs]:
         captured.close()
 
 
-def _block_error(block: nn.Module, inputs: list, reference: list[torch.Tensor]) -> float:
-    """Mean over tokens of ``||h - h_ref||^2 / ||h_ref||^2`` at the block's output."""
-    errs = []
-    for (args, kwargs), ref in zip(inputs, reference):
-        out = _main_output(block(*args, **kwargs))
-        errs.append(((out - ref).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-12)).flatten())
+def _rel_error(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """Mean over tokens of ``||h - h_ref||^2 / ||h_ref||^2``."""
+    errs = [((o - r).pow(2).sum(-1) / r.pow(2).sum(-1).clamp_min(1e-12)).flatten() for o, r in zip(outs, refs)]
     return float(torch.cat(errs).mean())
 
 
-def site_costs(model: nn.Module, batches: torch.Tensor, blocks: nn.ModuleList, sites: list[Site],
-               levels: np.ndarray, *, progress: bool = False) -> dict[str, np.ndarray]:
-    """Block-output error of every site at every level, only that site sparsified (dense inputs).
+def _outputs(block: nn.Module, inputs: list) -> list[torch.Tensor]:
+    return [_main_output(block(*args, **kwargs)) for args, kwargs in inputs]
 
+
+def _final_states(model: nn.Module, blocks: nn.ModuleList, start: int, inputs: list,
+                  hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``hidden`` (the outputs of block ``start - 1``) run through the remaining blocks and the final norm."""
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    out = []
+    for (args, kwargs), h in zip(inputs, hidden):
+        for block in list(blocks)[start:]:
+            a, k = _with_hidden(args, kwargs, h)
+            h = _main_output(block(*a, **k))
+        out.append(norm(h) if norm is not None else h)
+    return out
+
+
+def site_costs(model: nn.Module, batches: torch.Tensor, blocks: nn.ModuleList, sites: list[Site],
+               levels: np.ndarray, *, cost_at: str = "final", progress: bool = False) -> dict[str, np.ndarray]:
+    """Error of every site at every level, only that site sparsified (dense inputs).
+
+    The curve is the block-output error; with ``cost_at="final"`` it is rescaled to the error of the
+    final (normed) hidden states, by the ratio of the two measured once per site at the level nearest
+    50% (the rest of the network run on the perturbed block output). That puts the costs of early and
+    late blocks in one unit: what a perturbation does to the model's output, not to its own block's.
     The wrapped layers must be dense (threshold -1) on entry and are left so.
     """
     costs: dict[str, np.ndarray] = {}
     by_block = {i: [s for s in sites if s.block == i] for i in range(len(blocks))}
+    mid = int(np.argmin(np.abs(levels - 0.5)))
+    final_ref: list[torch.Tensor] = []
 
     def on_block(i: int, block: nn.Module, _store: Any) -> None:
         inputs = captured.take(i)
         local = [Site(s.key, s.block, s.members, s.params, s.scale) for s in by_block[i]]
         with torch.no_grad():
             with _score_hooks(model, local):
-                reference = [_main_output(block(*a, **k)) for a, k in inputs]
+                reference = _outputs(block, inputs)
+            if cost_at == "final" and not final_ref:
+                final_ref.extend(_final_states(model, blocks, i + 1, inputs, reference))
             for site in local:
                 row = np.zeros(len(levels))
                 for k, level in enumerate(levels[1:], start=1):
                     _set_threshold(model, site, site.hist.threshold_for_sparsity(float(level)))
-                    row[k] = _block_error(block, inputs, reference)
+                    outs = _outputs(block, inputs)
+                    row[k] = _rel_error(outs, reference)
+                    if cost_at == "final" and k == mid and row[k] > 0:
+                        gain = _rel_error(_final_states(model, blocks, i + 1, inputs, outs), final_ref) / row[k]
                 _set_threshold(model, site, None)
-                costs[site.key] = row
+                costs[site.key] = row * gain if cost_at == "final" and row[mid] > 0 else row
 
     with _capture_inputs(blocks) as captured:
         sequential_calibrate(model, batches, blocks, [], on_block, progress=progress)
@@ -315,7 +343,8 @@ def greedy_costs(model: nn.Module, batches: torch.Tensor, cfg: ActSparsifyConfig
     blocks = decoder_blocks(work)
     sites = _sites(work, blocks, cfg)
     _wrap(work, sites, cfg.method)
-    return site_costs(work, batches[: cfg.cost_windows], blocks, sites, cfg.levels(), progress=progress)
+    return site_costs(work, batches[: cfg.cost_windows], blocks, sites, cfg.levels(), cost_at=cfg.cost_at,
+                      progress=progress)
 
 
 def calibrate_thresholds(model: nn.Module, batches: torch.Tensor, blocks: nn.ModuleList, sites: list[Site], *,
@@ -384,7 +413,8 @@ def apply_act_sparsify(model: nn.Module, batches: torch.Tensor, cfg: ActSparsify
     levels = cfg.levels()
     if cfg.allocation == "greedy":
         if costs is None:
-            costs = site_costs(model, batches[: cfg.cost_windows], blocks, sites, levels, progress=progress)
+            costs = site_costs(model, batches[: cfg.cost_windows], blocks, sites, levels, cost_at=cfg.cost_at,
+                               progress=progress)
         alloc = allocate_greedy({s.key: costs[s.key] for s in sites}, {s.key: s.params for s in sites}, levels,
                                 cfg.sparsity)
     else:
