@@ -30,8 +30,10 @@ from edgecompress.compress.sparse.activation import (ActSparsifyConfig, apply_ac
 from edgecompress.data import load_text, token_windows
 from edgecompress.models import load_model
 
-VARIANTS = (("uniform", "teal", "uniform"), ("TEAL greedy", "teal", "greedy"), ("WINA greedy", "wina", "greedy"),
-            ("WINA uniform", "wina", "uniform"))
+# (label, method, allocation, greedy cost unit)
+VARIANTS = (("uniform", "teal", "uniform", None), ("WINA uniform", "wina", "uniform", None),
+            ("TEAL greedy", "teal", "greedy", "final"), ("WINA greedy", "wina", "greedy", "final"),
+            ("TEAL greedy (block-output costs)", "teal", "greedy", "block"))
 
 
 def main() -> None:
@@ -58,18 +60,18 @@ def main() -> None:
     costs: dict[str, dict] = {}
     rows: list[dict] = []
     header = None
-    for label, method, allocation in VARIANTS:
+    for label, method, allocation, cost_at in VARIANTS:
         if args.only and label not in args.only:
             continue
         for target in args.sparsities:
             cfg = ActSparsifyConfig(method=method, sparsity=target, allocation=allocation,
-                                    cost_windows=args.cost_windows)
+                                    cost_windows=args.cost_windows, cost_at=cost_at or "final")
             t0 = time.perf_counter()
-            if allocation == "greedy" and method not in costs:
-                costs[method] = greedy_costs(reference, calib, cfg)
-                print(f"{method} greedy costs: {time.perf_counter() - t0:.0f} s", flush=True)
+            if allocation == "greedy" and (method, cost_at) not in costs:
+                costs[method, cost_at] = greedy_costs(reference, calib, cfg)
+                print(f"{method} greedy costs ({cost_at}): {time.perf_counter() - t0:.0f} s", flush=True)
             model = copy.deepcopy(reference)
-            records = apply_act_sparsify(model, calib, cfg, costs=costs.get(method))
+            records = apply_act_sparsify(model, calib, cfg, costs=costs.get((method, cost_at)))
             seconds = time.perf_counter() - t0
             m = LMMetrics()
             with torch.no_grad():
@@ -79,7 +81,8 @@ def main() -> None:
             held = measure_sparsity(model, held_out)
             total = sum(r["params"] for r in records)
             calib_sp = sum(r["calibration_sparsity"] * r["params"] for r in records) / total
-            row = {"variant": label, "method": method, "allocation": allocation, "target": target, **res,
+            row = {"variant": label, "method": method, "allocation": allocation, "cost_at": cost_at,
+                   "target": target, **res,
                    "heldout_sparsity": held["sparsity"], "calibration_sparsity": calib_sp,
                    "levels": {r["module"]: r["target_sparsity"] for r in records}, "steps_s": round(seconds, 1)}
             rows.append(row)

@@ -174,7 +174,7 @@ def _apply_act_sparsify(model: nn.Module, step: ActSparsifyStep, ctx: StepContex
 
     cfg = ActSparsifyConfig(method=step.method, sparsity=step.sparsity, allocation=step.allocation,
                             targets=tuple(step.targets), ignore=tuple(step.ignore), grid=step.grid,
-                            max_level=step.max_level, cost_windows=step.cost_windows)
+                            max_level=step.max_level, cost_windows=step.cost_windows, cost_at=step.cost_at)
     return apply_act_sparsify(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
 
 

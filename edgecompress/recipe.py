@@ -642,6 +642,9 @@ class ActSparsifyStep(StepConfig):
                               "measured per input.")
     max_level: StrictFloat = Field(0.95, gt=0, lt=1, description="greedy: highest sparsity one input may get.")
     cost_windows: StrictInt = Field(4, ge=1, description="greedy: calibration windows the costs are measured on.")
+    cost_at: _choice("final", "block") = Field(
+        "final", description="greedy: unit of the costs: final (each input's block-output error curve rescaled "
+        "to the error it causes in the final hidden states) or block (the block-output error itself).")
 
     @model_validator(mode="after")
     def _target_reachable(self) -> ActSparsifyStep:

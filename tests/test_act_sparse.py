@@ -77,15 +77,16 @@ def test_greedy_allocation_meets_the_target_and_prefers_cheap_sites():
         allocate_greedy(costs, params, levels, 0.95)
 
 
-@pytest.mark.parametrize("method", ["teal", "wina"])
-def test_greedy_hits_the_model_wide_target_and_beats_uniform(tiny_llama, method):
+@pytest.mark.parametrize("method,cost_at", [("teal", "final"), ("wina", "block")])
+def test_greedy_hits_the_model_wide_target_and_beats_uniform(tiny_llama, method, cost_at):
     ids = _calib()
     with torch.no_grad():
         dense = tiny_llama(ids).logits
     err = {}
     for alloc in ("uniform", "greedy"):
         model = copy.deepcopy(tiny_llama)
-        records = apply_act_sparsify(model, ids, ActSparsifyConfig(method=method, sparsity=0.5, allocation=alloc))
+        records = apply_act_sparsify(model, ids, ActSparsifyConfig(method=method, sparsity=0.5, allocation=alloc,
+                                                                   cost_at=cost_at))
         assert len(records) == 8 and all(r["method"] == method for r in records)
         total = sum(r["params"] for r in records)
         assert sum(r["target_sparsity"] * r["params"] for r in records) / total == pytest.approx(0.5)
