@@ -249,9 +249,23 @@ class _BlockInputs:
 
     def __init__(self, blocks: nn.ModuleList):
         self.seen: dict[int, list] = {i: [] for i in range(len(blocks))}
-        self.handles = {i: b.register_forward_hook(
-            lambda _m, args, kwargs, _out, i=i: self.seen[i].append((args, kwargs)), with_kwargs=True)
-            for i, b in enumerate(blocks)}
+        self.recording = True
+        self.handles = {i: b.register_forward_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)}
+
+    def _hook(self, i: int):
+        def fn(_m: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
+            if self.recording:
+                self.seen[i].append((args, kwargs))
+        return fn
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run later blocks (the cost propagation) without recording them as their inputs."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     def take(self, i: int) -> list:
         self.handles.pop(i).remove()
@@ -316,7 +330,8 @@ def site_costs(model: nn.Module, batches: torch.Tensor, blocks: nn.ModuleList, s
             with _score_hooks(model, local):
                 reference = _outputs(block, inputs)
             if cost_at == "final" and not final_ref:
-                final_ref.extend(_final_states(model, blocks, i + 1, inputs, reference))
+                with captured.paused():
+                    final_ref.extend(_final_states(model, blocks, i + 1, inputs, reference))
             for site in local:
                 row = np.zeros(len(levels))
                 for k, level in enumerate(levels[1:], start=1):
@@ -324,7 +339,9 @@ def site_costs(model: nn.Module, batches: torch.Tensor, blocks: nn.ModuleList, s
                     outs = _outputs(block, inputs)
                     row[k] = _rel_error(outs, reference)
                     if cost_at == "final" and k == mid and row[k] > 0:
-                        gain = _rel_error(_final_states(model, blocks, i + 1, inputs, outs), final_ref) / row[k]
+                        with captured.paused():
+                            final = _final_states(model, blocks, i + 1, inputs, outs)
+                        gain = _rel_error(final, final_ref) / row[k]
                 _set_threshold(model, site, None)
                 costs[site.key] = row * gain if cost_at == "final" and row[mid] > 0 else row
 
