@@ -33,7 +33,8 @@ from edgecompress.models import load_model
 # (label, method, allocation, greedy cost unit)
 VARIANTS = (("uniform", "teal", "uniform", None), ("WINA uniform", "wina", "uniform", None),
             ("TEAL greedy", "teal", "greedy", "final"), ("WINA greedy", "wina", "greedy", "final"),
-            ("TEAL greedy (block-output costs)", "teal", "greedy", "block"))
+            ("TEAL greedy (block-output costs)", "teal", "greedy", "block"),
+            ("WINA greedy (block-output costs)", "wina", "greedy", "block"))
 
 
 def main() -> None:
