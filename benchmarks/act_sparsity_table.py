@@ -32,9 +32,10 @@ from edgecompress.models import load_model
 
 # (label, method, allocation, greedy cost unit)
 VARIANTS = (("uniform", "teal", "uniform", None), ("WINA uniform", "wina", "uniform", None),
-            ("TEAL greedy", "teal", "greedy", "final"), ("WINA greedy", "wina", "greedy", "final"),
             ("TEAL greedy (block-output costs)", "teal", "greedy", "block"),
-            ("WINA greedy (block-output costs)", "wina", "greedy", "block"))
+            ("WINA greedy (block-output costs)", "wina", "greedy", "block"),
+            ("TEAL greedy (final-state costs)", "teal", "greedy", "final"),
+            ("WINA greedy (final-state costs)", "wina", "greedy", "final"))
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
             continue
         for target in args.sparsities:
             cfg = ActSparsifyConfig(method=method, sparsity=target, allocation=allocation,
-                                    cost_windows=args.cost_windows, cost_at=cost_at or "final")
+                                    cost_windows=args.cost_windows, cost_at=cost_at or "block")
             t0 = time.perf_counter()
             if allocation == "greedy" and (method, cost_at) not in costs:
                 costs[method, cost_at] = greedy_costs(reference, calib, cfg)

@@ -214,7 +214,7 @@ def test_cost_propagation_does_not_leak_into_later_blocks_inputs(tiny_llama):
     from edgecompress.compress.sparse.activation import greedy_costs
 
     ids = _calib()
-    cfg = ActSparsifyConfig(cost_windows=3)
+    cfg = ActSparsifyConfig(cost_windows=3, cost_at="final")
     final, block = greedy_costs(tiny_llama, ids, cfg), greedy_costs(tiny_llama, ids, ActSparsifyConfig(
         cost_windows=3, cost_at="block"))
     for key in block:  # the same curve, rescaled by one positive factor per site

@@ -68,7 +68,7 @@ class ActSparsifyConfig:
     grid: float = 0.05  # greedy: spacing of the sparsity levels whose costs are measured
     max_level: float = 0.95  # greedy: highest sparsity a site may get
     cost_windows: int = 4  # greedy: calibration windows the costs are measured on
-    cost_at: str = "final"  # greedy: error unit, final hidden states (block curves rescaled) | block output
+    cost_at: str = "block"  # greedy: error unit, block output | final hidden states (block curves rescaled)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -309,7 +309,7 @@ def _final_states(model: nn.Module, blocks: nn.ModuleList, start: int, inputs: l
 
 
 def site_costs(model: nn.Module, batches: torch.Tensor, blocks: nn.ModuleList, sites: list[Site],
-               levels: np.ndarray, *, cost_at: str = "final", progress: bool = False) -> dict[str, np.ndarray]:
+               levels: np.ndarray, *, cost_at: str = "block", progress: bool = False) -> dict[str, np.ndarray]:
     """Error of every site at every level, only that site sparsified (dense inputs).
 
     The curve is the block-output error; with ``cost_at="final"`` it is rescaled to the error of the
