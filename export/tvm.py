@@ -1,0 +1,343 @@
+"""Compile an ONNX artifact to a TVM library (Relax VM executable) with native low-bit kernels.
+
+Relax's ONNX importer knows the standard operators but none of the ONNX Runtime contrib ops the
+decoder export writes. This module supplies a converter for each one the toolkit emits:
+
+* ``MatMulNBits`` and ``GatherBlockQuantized`` -> the packed-weight kernels of
+  :mod:`.tvm_kernels` (weights stay 4/8-bit in memory; dequantized in the inner loop);
+* ``GroupQueryAttention`` -> rotary embedding, KV-cache concatenation and two scheduled
+  attention kernels (grouped heads read their shared KV head; no ``repeat``);
+* ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` -> ``rms_norm``.
+
+``edgecompress::`` custom ops are inlined to their ONNX function bodies before import (their
+weights are then decompressed once, at compile time: they have no native TVM kernel yet; the
+manifest lists them under ``tvm.function_body_ops``). Any other operator the importer lacks is
+an error naming the node, before any compilation.
+
+The library's ``main`` returns logits for every position (``logits_to_keep`` is fixed to 0) and
+the present KV cache. The parameters (initializers) are trailing inputs of ``main``, stored in
+``params.safetensors`` beside the library and bound once at load time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgecompress.errors import EdgeCompressError
+
+log = logging.getLogger(__name__)
+
+# Ops whose output is computed from initializers only are folded into initializers before import
+# (rotary caches, casts of float16 scales, mask constants): with parameters kept as inputs,
+# Relax could not fold them and would recompute them every token.
+_FOLD_LIMIT = 1 << 24  # elements; larger constant results are left to run
+
+
+def _relax():
+    import tvm
+    from tvm import relax
+
+    return tvm, relax
+
+
+def _shape(expr) -> list:
+    return list(expr.ty.shape.values)
+
+
+class _Converters:
+    """Converters for ONNX Runtime contrib ops, in the Relax importer's converter protocol."""
+
+    @staticmethod
+    def matmul_nbits(bb, inputs, attr, params):
+        from tvm import relax
+
+        from . import tvm_kernels as kern
+
+        a, b, scales = inputs[0], inputs[1], inputs[2]
+        zp = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+        if len(inputs) > 4 and any(x is not None for x in inputs[4:]):
+            raise NotImplementedError("MatMulNBits with g_idx or bias inputs")
+        k, n, bits, block = (int(attr[x]) for x in ("K", "N", "bits", "block_size"))
+        shape = _shape(a)
+        rows = 1
+        for d in shape[:-1]:
+            rows = rows * d
+        a2 = bb.emit(relax.op.reshape(a, [rows, k]))
+        func = kern.matmul_nbits(k, n, bits, block, zero_points=zp is not None)
+        gv = bb.add_func(func, f"matmul_nbits_k{k}_n{n}_b{bits}_g{block}{'_zp' if zp is not None else ''}")
+        args = [a2, b, relax.op.reshape(scales, [-1])] + ([zp] if zp is not None else [])
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
+        return relax.op.reshape(y, shape[:-1] + [n])
+
+    @staticmethod
+    def gather_block_quantized(bb, inputs, attr, params):
+        from tvm import relax
+
+        from . import tvm_kernels as kern
+
+        data, ids, scales = inputs[0], inputs[1], inputs[2]
+        zp = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+        if int(attr.get("gather_axis", 0)) != 0 or int(attr.get("quantize_axis", 1)) != 2:
+            raise NotImplementedError("GatherBlockQuantized other than gather_axis=0, quantize_axis=2")
+        bits, block = int(attr.get("bits", 4)), int(attr["block_size"])
+        v, nb, blob = (int(x) for x in _shape(data))
+        ishape = _shape(ids)
+        count = 1
+        for d in ishape:
+            count = count * d
+        flat = bb.emit(relax.op.reshape(ids, [count]))
+        func = kern.gather_block_quantized(v, nb, blob, bits, block, zero_points=zp is not None)
+        gv = bb.add_func(func, f"gather_block_quantized_v{v}_b{bits}")
+        args = [data, flat, scales] + ([zp] if zp is not None else [])
+        width = blob * 8 // bits
+        rows = bb.emit(relax.call_tir(gv, args, relax.TensorType([count, nb, width], "float32")))
+        return relax.op.reshape(rows, ishape + [nb, width])
+
+    @staticmethod
+    def simplified_layer_norm(bb, inputs, attr, params):
+        from tvm import relax
+
+        if int(attr.get("axis", -1)) != -1:
+            raise NotImplementedError("SimplifiedLayerNormalization over an axis other than the last")
+        return relax.op.nn.rms_norm(inputs[0], inputs[1], axes=[-1], epsilon=float(attr.get("epsilon", 1e-5)))
+
+    @staticmethod
+    def skip_simplified_layer_norm(bb, inputs, attr, params):
+        from tvm import relax
+
+        total = bb.emit(relax.op.add(inputs[0], inputs[1]))
+        if len(inputs) > 3 and inputs[3] is not None:
+            total = bb.emit(relax.op.add(total, inputs[3]))
+        y = relax.op.nn.rms_norm(total, inputs[2], axes=[-1], epsilon=float(attr.get("epsilon", 1e-5)))
+        empty = relax.const(0.0, "float32")
+        return relax.Tuple([bb.emit(y), empty, empty, total])
+
+    @staticmethod
+    def group_query_attention(bb, inputs, attr, params):
+        """GroupQueryAttention for one unpadded sequence per batch row: positions ``P .. P+S-1``
+        where ``P`` is the past length (the runtimes feed full-width masks; ``seqlens_k`` and
+        ``total_sequence_length`` are implied by the shapes)."""
+        from tvm import relax
+
+        from . import tvm_kernels as kern
+
+        op = relax.op
+        heads, kv = int(attr["num_heads"]), int(attr["kv_num_heads"])
+        if int(attr.get("rotary_interleaved", 0)) or int(attr.get("local_window_size", -1)) != -1 \
+                or float(attr.get("softcap", 0.0)) != 0.0:
+            raise NotImplementedError("GroupQueryAttention with interleaved rotary, local window or softcap")
+        q_in, k_in, v_in, past_k, past_v = inputs[:5]
+        cos, sin = (inputs[7], inputs[8]) if int(attr.get("do_rotary", 0)) else (None, None)
+        batch, seq = _shape(q_in)[:2]
+        d = int(_shape(past_k)[3])
+        past = _shape(past_k)[2]
+        if k_in is None:  # packed QKV
+            q = bb.emit(op.strided_slice(q_in, axes=[2], begin=[0], end=[heads * d]))
+            k = bb.emit(op.strided_slice(q_in, axes=[2], begin=[heads * d], end=[(heads + kv) * d]))
+            v = bb.emit(op.strided_slice(q_in, axes=[2], begin=[(heads + kv) * d], end=[(heads + 2 * kv) * d]))
+        else:
+            q, k, v = q_in, k_in, v_in
+        q = bb.emit(op.reshape(q, [batch, seq, heads, d]))
+        k = bb.emit(op.reshape(k, [batch, seq, kv, d]))
+        v = bb.emit(op.reshape(v, [batch, seq, kv, d]))
+        if cos is not None:
+            pos = bb.emit(op.arange(past, past + seq, 1, "int64"))
+            c = bb.emit(op.reshape(op.take(cos, pos, axis=0), [1, seq, 1, d // 2]))
+            s = bb.emit(op.reshape(op.take(sin, pos, axis=0), [1, seq, 1, d // 2]))
+
+            def rotate(x):
+                x1 = bb.emit(op.strided_slice(x, axes=[3], begin=[0], end=[d // 2]))
+                x2 = bb.emit(op.strided_slice(x, axes=[3], begin=[d // 2], end=[d]))
+                return bb.emit(op.concat([op.subtract(op.multiply(x1, c), op.multiply(x2, s)),
+                                          op.add(op.multiply(x2, c), op.multiply(x1, s))], axis=3))
+            q, k = rotate(q), rotate(k)
+        present_k = bb.emit(op.concat([past_k, op.permute_dims(k, [0, 2, 1, 3])], axis=2))
+        present_v = bb.emit(op.concat([past_v, op.permute_dims(v, [0, 2, 1, 3])], axis=2))
+        group = heads // kv
+        total = past + seq
+        scale = float(attr.get("scale", 0.0)) or 1.0 / math.sqrt(d)
+        # one batch row: q [S, H, D] -> [KV, group * S, D] (grouped heads share their KV head)
+        qg = bb.emit(op.reshape(op.permute_dims(op.reshape(q, [seq, kv, group, d]), [1, 2, 0, 3]),
+                                [kv, group * seq, d]))
+        kc = bb.emit(op.reshape(present_k, [kv, total, d]))
+        vc = bb.emit(op.reshape(present_v, [kv, total, d]))
+        scores_fn = bb.add_func(kern.attention_scores(kv, group, d, scale), f"attention_scores_kv{kv}_g{group}_d{d}")
+        values_fn = bb.add_func(kern.attention_values(kv, d), f"attention_values_kv{kv}_d{d}")
+        scores = bb.emit(relax.call_tir(scores_fn, [qg, kc], relax.TensorType([kv, group * seq, total], "float32")))
+        probs = bb.emit(op.nn.softmax(scores, axis=-1))
+        out = bb.emit(relax.call_tir(values_fn, [probs, vc], relax.TensorType([kv, group * seq, d], "float32")))
+        out = bb.emit(op.reshape(op.permute_dims(op.reshape(out, [kv, group, seq, d]), [2, 0, 1, 3]),
+                                 [batch, seq, heads * d]))
+        return relax.Tuple([out, present_k, present_v])
+
+
+def _converter(fn):
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    return type(fn.__name__, (OnnxOpConverter,), {"_impl_v1": classmethod(lambda cls, *a: fn(*a))})
+
+
+CONTRIB_CONVERTERS = {
+    "MatMulNBits": _Converters.matmul_nbits,
+    "GatherBlockQuantized": _Converters.gather_block_quantized,
+    "SimplifiedLayerNormalization": _Converters.simplified_layer_norm,
+    "SkipSimplifiedLayerNormalization": _Converters.skip_simplified_layer_norm,
+    "GroupQueryAttention": _Converters.group_query_attention,
+}
+
+
+@contextlib.contextmanager
+def _converters() -> Iterator[dict]:
+    """The importer's converter table with the toolkit's converters added (restored after)."""
+    from tvm.relax.frontend.onnx import onnx_frontend as fe
+
+    original = fe._get_convert_map
+    table = dict(original())
+    table.update({op: _converter(fn) for op, fn in CONTRIB_CONVERTERS.items()})
+    fe._get_convert_map = lambda: table
+    try:
+        yield table
+    finally:
+        fe._get_convert_map = original
+
+
+def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node name, op type) of every node neither the importer nor the toolkit can convert."""
+    with _converters() as table:
+        return [(n.name, f"{n.domain + '::' if n.domain else ''}{n.op_type}") for n in model.graph.node
+                if n.op_type not in table and n.op_type not in ("Constant", "If")]
+
+
+def prepare(model: onnx.ModelProto, *, logits_to_keep: int) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded.
+
+    Returns the model and the custom ops that were inlined to their function bodies.
+    """
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                     if n.domain not in ("", "ai.onnx", "com.microsoft")})
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # a copy we may edit
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    if "logits_to_keep" in inits:
+        inits["logits_to_keep"].CopyFrom(numpy_helper.from_array(np.array([logits_to_keep], np.int64),
+                                                                "logits_to_keep"))
+        keep = [i for i in g.input if i.name != "logits_to_keep"]
+        del g.input[:]
+        g.input.extend(keep)
+    _fold_constants(model)
+    return model, custom
+
+
+def _fold_constants(model: onnx.ModelProto) -> None:
+    """Replace standard-domain nodes whose inputs are all initializers by initializers."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    known = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            known[n.output[0]] = numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t), n.output[0])
+    kept = []
+    for n in g.node:
+        foldable = (n.domain in ("", "ai.onnx") and n.input and all(i in known for i in n.input if i)
+                    and n.op_type not in ("Constant",))
+        if foldable:
+            sizes = [int(np.prod(known[i].dims)) for i in n.input if i]
+            foldable = max(sizes, default=0) <= _FOLD_LIMIT
+        if not foldable:
+            kept.append(n)
+            continue
+        feeds = {i: numpy_helper.to_array(known[i]) for i in n.input if i}
+        sub = onnx.helper.make_model(
+            onnx.helper.make_graph([n], "fold", [onnx.helper.make_tensor_value_info(i, known[i].data_type, None)
+                                                 for i in feeds],
+                                   [onnx.helper.make_tensor_value_info(o, 0, None) for o in n.output]),
+            opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")])
+        outs = ReferenceEvaluator(sub).run(None, feeds)
+        for name, value in zip(n.output, outs):
+            t = numpy_helper.from_array(np.asarray(value), name)
+            g.initializer.append(t)
+            known[name] = t
+    del g.node[:]
+    g.node.extend(kept)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep_inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep_inits)
+
+
+def import_relax(model: onnx.ModelProto):
+    """Relax module of ``model`` (parameters as trailing inputs) and the parameters in order."""
+    _, relax = _relax()
+    from tvm.relax.frontend.onnx import from_onnx
+
+    missing = unsupported_ops(model)
+    if missing:
+        name, op = missing[0]
+        raise EdgeCompressError(
+            f"no TVM converter for {op} (node {name!r}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})",
+            hint="run this artifact with --runtime ort-cpu, or export it without that operator")
+    with _converters(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the checker's complaints about contrib ops; unknown dims
+        mod = from_onnx(model, keep_params_in_input=True)
+    mod, params = relax.frontend.detach_params(mod)
+    return mod, [p.numpy() if hasattr(p, "numpy") else np.asarray(p) for p in params["main"]]
+
+
+def compile_library(mod, target, *, threads: int | None = None):
+    """``tvm.compile`` with the CPU pipeline plus the generic CPU schedules for what the toolkit's
+    kernels do not cover (elementwise, norms, softmax)."""
+    tvm, _ = _relax()
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(m, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return seq(m)
+
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+
+
+def build_decoder(onnx_path: Path, dest: Path, *, target=None, threads: int | None = None,
+                  progress=None) -> dict[str, Any]:
+    """Compile the KV-cache decoder at ``onnx_path`` into ``dest`` (``model.so`` +
+    ``params.safetensors``); returns the manifest's ``tvm`` section."""
+    import tvm
+    from safetensors.numpy import save_file
+
+    from . import tvm_kernels as kern
+
+    target = target or kern.target_llvm(threads=threads)
+    model = onnx.load(str(onnx_path))
+    t0 = time.perf_counter()
+    prepared, custom = prepare(model, logits_to_keep=0)
+    mod, params = import_relax(prepared)
+    import_s = time.perf_counter() - t0
+    lib = compile_library(mod, target, threads=threads)
+    compile_s = time.perf_counter() - t0 - import_s
+    dest.mkdir(parents=True, exist_ok=True)
+    lib.export_library(str(dest / "model.so"))
+    save_file({f"p{i:04d}": np.ascontiguousarray(a) for i, a in enumerate(params)}, str(dest / "params.safetensors"))
+    return {"tvm_version": tvm.__version__, "target": str(target.export()) if hasattr(target, "export") else str(target),
+            "mcpu": str(target.attrs.get("mcpu", "")), "params": len(params),
+            "function_body_ops": custom, "import_seconds": round(import_s, 1),
+            "compile_seconds": round(compile_s, 1)}

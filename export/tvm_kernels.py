@@ -1,0 +1,194 @@
+"""Native TVM kernels (tensor expressions + hand schedules) for the operators the toolkit emits.
+
+Each kernel is a scheduled ``PrimFunc`` with a symbolic row count ``m`` (tokens), marked
+``tirx.is_scheduled`` so the generic CPU rules leave it alone and ``op_pattern = opaque`` so
+Relax does not fuse it into a neighbour (which would drop the schedule). Packed weights stay
+packed: the dequantization happens inside the inner loop, on 16-lane vectors.
+
+* :func:`matmul_nbits` — ``com.microsoft::MatMulNBits`` (4- or 8-bit codes, blocks along K,
+  optional zero points). The activation row is first deinterleaved per block (cheap: one row of
+  K floats) so the 4-bit inner loop reads the low nibbles of 16 consecutive bytes against 16
+  consecutive activations and the high nibbles against the next 16; the reduction is split into
+  16 vector lanes (rfactor) that are summed once per output.
+* :func:`gather_block_quantized` — ``com.microsoft::GatherBlockQuantized`` rows (embedding).
+* :func:`attention_scores` / :func:`attention_values` — the two products of grouped-query
+  attention over the KV cache, vectorised along the head dimension.
+
+NumPy references for every kernel live in the tests (:mod:`tests.test_tvm`).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, te, tirx
+
+LANES = 16  # fp32 lanes of one AVX-512 register (LLVM splits them on narrower targets)
+_OPAQUE = 8  # relax op pattern: do not fuse
+
+
+def _finish(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    func = func.without_attr("global_symbol")  # the caller's module names it
+    return func.with_attr({"tirx.is_scheduled": True, "op_pattern": _OPAQUE, "tirx.noalias": True})
+
+
+def _lanes(n: int) -> int:
+    lanes = LANES
+    while n % lanes:
+        lanes //= 2
+    return lanes
+
+
+def _vector_reduce(sch: s_tir.Schedule, block: str, lanes: int, *, parallel_axis: int = 0) -> None:
+    """Schedule ``out[spatial...] = sum(r)`` with the last reduction loop split into ``lanes``
+    vector partial sums (rfactor). The spatial loop ``parallel_axis`` is moved outermost and run
+    in parallel."""
+    blk = sch.get_sblock(block)
+    loops = sch.get_loops(blk)
+    _, lane = sch.split(loops[-1], [None, lanes])
+    rf = sch.rfactor(lane, 0)
+    spatial = sch.get_loops(blk)[:-1]
+    if parallel_axis:  # bring the parallel loop outermost (the weight rows, for a matmul)
+        order = [spatial[parallel_axis]] + [lp for i, lp in enumerate(spatial) if i != parallel_axis]
+        sch.reorder(*order)
+        spatial = order
+    sch.parallel(spatial[0])
+    sch.compute_at(rf, spatial[-1])
+    rf_loops = sch.get_loops(rf)
+    lane_loop, reductions = rf_loops[len(spatial)], rf_loops[len(spatial) + 1:]
+    sch.reorder(*reductions, lane_loop)
+    sch.vectorize(lane_loop)
+    sch.decompose_reduction(rf, reductions[0])
+
+
+def matmul_nbits(k: int, n: int, bits: int, block_size: int, *, zero_points: bool) -> tirx.PrimFunc:
+    """``Y[m, n] = A[m, :K] @ dequant(B)[n, :K]`` for MatMulNBits' layout:
+    ``B`` uint8 ``[N, n_blocks, block_size * bits / 8]`` (4-bit: low nibble = even k), ``scales``
+    float32 ``[N * n_blocks]``, optional ``zero_points`` uint8 (4-bit: two per byte, low first;
+    8-bit: one per byte; default 8 / 128)."""
+    if bits not in (4, 8):
+        raise NotImplementedError(f"MatMulNBits kernel: {bits}-bit codes (4 and 8 are supported)")
+    nb = -(-k // block_size)
+    blob = block_size * bits // 8
+    m = tirx.Var("m", "int64")
+    a = te.placeholder((m, k), "float32", name="A")
+    b = te.placeholder((n, nb, blob), "uint8", name="B")
+    s = te.placeholder((n * nb,), "float32", name="scales")
+    zp = te.placeholder((n, (nb + 1) // 2 if bits == 4 else nb), "uint8", name="zero_points") if zero_points else None
+    half = block_size // 2
+    padded = nb * block_size
+
+    def a_index(m_, i):  # deinterleaved position i -> original k (4-bit blocks: evens then odds)
+        if bits == 8:
+            return i
+        blk, r = i // block_size, i % block_size
+        return blk * block_size + (r % half) * 2 + r // half
+
+    a2 = te.compute((m, padded), lambda m_, i: tirx.if_then_else(
+        a_index(m_, i) < k, a[m_, tirx.min(a_index(m_, i), k - 1)], tirx.const(0.0, "float32")), name="A_blocked")
+
+    def zero(n_, blk):
+        if zp is None:
+            return tirx.const(8.0 if bits == 4 else 128.0, "float32")
+        if bits == 8:
+            return zp[n_, blk].astype("float32")
+        byte = zp[n_, blk // 2]
+        return ((byte >> (blk % 2 * 4).astype("uint8")) & tirx.const(15, "uint8")).astype("float32")
+
+    rb = te.reduce_axis((0, nb), "rb")
+    if bits == 4:
+        rj = te.reduce_axis((0, half), "rj")
+
+        def body(m_, n_):
+            byte = b[n_, rb, rj]
+            z = zero(n_, rb)
+            lo = (byte & tirx.const(15, "uint8")).astype("float32") - z
+            hi = (byte >> tirx.const(4, "uint8")).astype("float32") - z
+            base = rb * block_size + rj
+            return te.sum(s[n_ * nb + rb] * (a2[m_, base] * lo + a2[m_, base + half] * hi), axis=[rb, rj])
+        lanes = _lanes(half)
+    else:
+        rj = te.reduce_axis((0, block_size), "rj")
+
+        def body(m_, n_):
+            w = b[n_, rb, rj].astype("float32") - zero(n_, rb)
+            return te.sum(s[n_ * nb + rb] * a2[m_, rb * block_size + rj] * w, axis=[rb, rj])
+        lanes = _lanes(block_size)
+    y = te.compute((m, n), body, name="Y")
+    args = [a, b, s] + ([zp] if zp is not None else []) + [y]
+    sch = s_tir.Schedule(te.create_prim_func(args))
+    _vector_reduce(sch, "Y", lanes, parallel_axis=1)
+    # the deinterleave is one activation row: a plain loop beside the kernel
+    return _finish(sch.mod["main"])
+
+
+def gather_block_quantized(v: int, nb: int, blob: int, bits: int, block_size: int, *,
+                           zero_points: bool) -> tirx.PrimFunc:
+    """Rows ``ids[t]`` of ``GatherBlockQuantized(data [V, nb, blob], ids, scales [V, nb, 1])``
+    (``gather_axis=0, quantize_axis=2``), dequantized: ``out [T, nb, block]``."""
+    t = tirx.Var("t", "int64")
+    data = te.placeholder((v, nb, blob), "uint8", name="data")
+    ids = te.placeholder((t,), "int64", name="ids")
+    s = te.placeholder((v, nb, 1), "float32", name="scales")
+    zp = te.placeholder((v, nb, 1), "uint8", name="zero_points") if zero_points else None
+    per_byte = 8 // bits
+
+    def body(t_, blk, j):
+        row = ids[t_]
+        byte = data[row, blk, j // per_byte]
+        if bits == 4:
+            code = (byte >> (j % 2 * 4).astype("uint8")) & tirx.const(15, "uint8")
+        else:
+            code = byte
+        z = zp[row, blk, 0].astype("float32") if zp is not None else tirx.const(8.0 if bits == 4 else 128.0, "float32")
+        return (code.astype("float32") - z) * s[row, blk, 0]
+    out = te.compute((t, nb, blob * per_byte), body, name="rows")
+    args = [data, ids, s] + ([zp] if zp is not None else []) + [out]
+    sch = s_tir.Schedule(te.create_prim_func(args))
+    return _finish(sch.mod["main"])
+
+
+def attention_scores(kv_heads: int, group: int, head_dim: int, scale: float) -> tirx.PrimFunc:
+    """``scores[h, g*S + s, t] = scale * q[h, g*S + s, :] . k[h, t, :]`` with the causal mask of a
+    query at position ``P + s`` (``P = T - S``): keys after it get -inf. One batch row."""
+    r, t = tirx.Var("r", "int64"), tirx.Var("t", "int64")  # r = group * S query rows per kv head
+    q = te.placeholder((kv_heads, r, head_dim), "float32", name="q")
+    kc = te.placeholder((kv_heads, t, head_dim), "float32", name="k")
+    d = te.reduce_axis((0, head_dim), "d")
+    dot = te.compute((kv_heads, r, t), lambda h, i, j: te.sum(q[h, i, d] * kc[h, j, d], axis=d), name="dot")
+    seq = r // group
+    neg = tirx.const(-3.0e38, "float32")
+    out = te.compute((kv_heads, r, t), lambda h, i, j: tirx.if_then_else(
+        j <= t - seq + i % seq, dot[h, i, j] * tirx.const(scale, "float32"), neg), name="scores")
+    sch = s_tir.Schedule(te.create_prim_func([q, kc, out]))
+    # keys split across threads (fusing heads with the symbolic row count is not affine)
+    _vector_reduce(sch, "dot", _lanes(head_dim // 2), parallel_axis=2)  # >= 2 chunks: a reduction loop remains
+    return _finish(sch.mod["main"])
+
+
+def attention_values(kv_heads: int, head_dim: int) -> tirx.PrimFunc:
+    """``out[h, i, :] = sum_t p[h, i, t] * v[h, t, :]``, vectorised along the head dimension."""
+    r, t = tirx.Var("r", "int64"), tirx.Var("t", "int64")
+    p = te.placeholder((kv_heads, r, t), "float32", name="p")
+    v = te.placeholder((kv_heads, t, head_dim), "float32", name="v")
+    j = te.reduce_axis((0, t), "j")
+    out = te.compute((kv_heads, r, head_dim), lambda h, i, dd: te.sum(p[h, i, j] * v[h, j, dd], axis=j), name="pv")
+    sch = s_tir.Schedule(te.create_prim_func([p, v, out]))
+    blk = sch.get_sblock("pv")
+    h, i, dd, jj = sch.get_loops(blk)
+    lanes = _lanes(head_dim)
+    chunk, lane = sch.split(dd, [None, lanes])
+    sch.reorder(chunk, h, i, jj, lane)  # head-dimension chunks across threads, keys inner
+    sch.parallel(chunk)
+    sch.vectorize(lane)
+    sch.decompose_reduction(blk, jj)
+    return _finish(sch.mod["main"])
+
+
+def target_llvm(mcpu: str | None = None, threads: int | None = None) -> tvm.target.Target:
+    """An LLVM CPU target for this machine's CPU (``mcpu`` from LLVM's host detection)."""
+    from tvm.target import codegen
+
+    spec = {"kind": "llvm", "mcpu": mcpu or codegen.llvm_get_system_cpu()}
+    if threads:
+        spec["num-cores"] = int(threads)
+    return tvm.target.Target(spec)
