@@ -57,16 +57,23 @@ class LayerFormat:
 
 
 class WeightCache:
-    """Initializer names per packed tensor id, so a tied tensor is stored once."""
+    """Initializer names per packed tensor id, so a tied tensor is stored once.
+
+    The cache holds a reference to every tensor it has seen: fused projections are temporary
+    objects, and CPython gives a freed object's id to the next one, so without the reference a
+    later layer's fused weights could be mistaken for an earlier layer's (and silently reuse them).
+    """
 
     def __init__(self) -> None:
         self._by_id: dict[int, dict[str, str]] = {}
         self.owner: dict[int, str] = {}
+        self._alive: list[object] = []
 
     def get(self, packed: object) -> dict[str, str] | None:
         return self._by_id.get(id(packed))
 
     def put(self, packed: object, names: dict[str, str], owner: str) -> None:
+        self._alive.append(packed)
         self._by_id[id(packed)] = names
         self.owner[id(packed)] = owner
 
