@@ -30,13 +30,13 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import tvm
+    from edgecompress.export.tvm import build_decoder
+    from edgecompress.runtimes.ort_cpu import OrtCpuRuntime
     from safetensors.numpy import load_file
     from tvm import relax
 
     from edgecompress.artifact import Artifact
     from edgecompress.data import load_text, token_windows
-    from edgecompress.export.tvm import build_decoder
-    from edgecompress.runtimes.ort_cpu import OrtCpuRuntime
 
     art = Artifact.load(args.artifact)
     prompt = [int(t) for t in np.asarray(token_windows(art.tokenizer(), load_text("pydoc:eval"), args.prompt, 1))[0]]

@@ -298,7 +298,7 @@ def import_relax(model: onnx.ModelProto):
     return mod, [p.numpy() if hasattr(p, "numpy") else np.asarray(p) for p in params["main"]]
 
 
-def compile_library(mod, target, *, threads: int | None = None):
+def compile_library(mod, target):
     """``tvm.compile`` with the CPU pipeline plus the generic CPU schedules for what the toolkit's
     kernels do not cover (elementwise, norms, softmax)."""
     tvm, _ = _relax()
@@ -317,8 +317,7 @@ def compile_library(mod, target, *, threads: int | None = None):
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
-def build_decoder(onnx_path: Path, dest: Path, *, target=None, threads: int | None = None,
-                  progress=None) -> dict[str, Any]:
+def build_decoder(onnx_path: Path, dest: Path, *, target=None, threads: int | None = None) -> dict[str, Any]:
     """Compile the KV-cache decoder at ``onnx_path`` into ``dest`` (``model.so`` +
     ``params.safetensors``); returns the manifest's ``tvm`` section."""
     import tvm
@@ -332,7 +331,7 @@ def build_decoder(onnx_path: Path, dest: Path, *, target=None, threads: int | No
     prepared, custom = prepare(model, logits_to_keep=0)
     mod, params = import_relax(prepared)
     import_s = time.perf_counter() - t0
-    lib = compile_library(mod, target, threads=threads)
+    lib = compile_library(mod, target)
     compile_s = time.perf_counter() - t0 - import_s
     dest.mkdir(parents=True, exist_ok=True)
     lib.export_library(str(dest / "model.so"))
