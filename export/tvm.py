@@ -36,13 +36,9 @@ from onnx import numpy_helper
 
 from edgecompress.errors import EdgeCompressError
 
+from .npu import fold_constants
+
 log = logging.getLogger(__name__)
-
-# Ops whose output is computed from initializers only are folded into initializers before import
-# (rotary caches, casts of float16 scales, mask constants): with parameters kept as inputs,
-# Relax could not fold them and would recompute them every token.
-_FOLD_LIMIT = 1 << 24  # elements; larger constant results are left to run
-
 
 def _relax():
     import tvm
@@ -220,7 +216,9 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 
 def prepare(model: onnx.ModelProto, *, logits_to_keep: int) -> tuple[onnx.ModelProto, list[str]]:
-    """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded.
+    """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded
+    (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
+    inputs, Relax could not fold them and would recompute them every token.
 
     Returns the model and the custom ops that were inlined to their function bodies.
     """
@@ -237,46 +235,7 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int) -> tuple[onnx.ModelP
         keep = [i for i in g.input if i.name != "logits_to_keep"]
         del g.input[:]
         g.input.extend(keep)
-    _fold_constants(model)
-    return model, custom
-
-
-def _fold_constants(model: onnx.ModelProto) -> None:
-    """Replace standard-domain nodes whose inputs are all initializers by initializers."""
-    from onnx.reference import ReferenceEvaluator
-
-    g = model.graph
-    known = {t.name: t for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant":
-            known[n.output[0]] = numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t), n.output[0])
-    kept = []
-    for n in g.node:
-        foldable = (n.domain in ("", "ai.onnx") and n.input and all(i in known for i in n.input if i)
-                    and n.op_type not in ("Constant",))
-        if foldable:
-            sizes = [int(np.prod(known[i].dims)) for i in n.input if i]
-            foldable = max(sizes, default=0) <= _FOLD_LIMIT
-        if not foldable:
-            kept.append(n)
-            continue
-        feeds = {i: numpy_helper.to_array(known[i]) for i in n.input if i}
-        sub = onnx.helper.make_model(
-            onnx.helper.make_graph([n], "fold", [onnx.helper.make_tensor_value_info(i, known[i].data_type, None)
-                                                 for i in feeds],
-                                   [onnx.helper.make_tensor_value_info(o, 0, None) for o in n.output]),
-            opset_imports=[o for o in model.opset_import if o.domain in ("", "ai.onnx")])
-        outs = ReferenceEvaluator(sub).run(None, feeds)
-        for name, value in zip(n.output, outs):
-            t = numpy_helper.from_array(np.asarray(value), name)
-            g.initializer.append(t)
-            known[name] = t
-    del g.node[:]
-    g.node.extend(kept)
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep_inits = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep_inits)
+    return fold_constants(model), custom
 
 
 def import_relax(model: onnx.ModelProto):
