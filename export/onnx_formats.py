@@ -160,7 +160,7 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
                               "MatMulNBits", 8 * nbytes / (n * k), n * k, nbytes, shared,
                               (n, k), p.block_size, dict(names))
         elif p.bits == 8:
-            y, fmt = _emit_int8_qdq(g, x, p, base, opts)
+            y, fmt = _emit_int8_qdq(g, x, p, base, opts, unsigned=mod.act is not None)
             if cache.get(p) is not None and cache.owner.get(id(p)) != base:
                 fmt.shared_with = [cache.owner[id(p)]]  # same parameters, stored again transposed
             if mod.act is not None:
@@ -266,13 +266,23 @@ def _emit_extra_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts:
 
 
 def _emit_int8_qdq(g: GraphBuilder, x: str, p: BlockQuantizedTensor, base: str,
-                   opts: EmitOptions) -> tuple[str, LayerFormat]:
-    """int8 weights as QDQ: codes stored transposed ``[K, N]``, quantized along axis 0."""
+                   opts: EmitOptions, *, unsigned: bool = False) -> tuple[str, LayerFormat]:
+    """int8 weights as QDQ: codes stored transposed ``[K, N]``, quantized along axis 0.
+
+    ``unsigned`` stores symmetric codes as uint8 with zero point 128 (the same dequantized
+    weights): with a uint8 activation, ONNX Runtime's integer matmul is then U8U8, which is exact
+    on every x86 CPU. U8S8 — uint8 activations times int8 weights — runs on AVX2 CPUs without
+    VNNI as ``vpmaddubsw``, whose int16 pair sums saturate (255 * 127 * 2 > 32767): wrong results,
+    not just rounding, on such a CPU."""
     n, k = p.shape
     codes = _np(p.unpacked()).reshape(n, -1)[:, :k]  # [N, K] unsigned
     scales = _np(p.scales).T.copy()  # [n_blocks, N]
     per_channel = p.n_blocks == 1
-    if p.symmetric:
+    if p.symmetric and unsigned and per_channel:
+        q = g.initializer(f"{base}.qweight", codes.T.copy())
+        zp_in = [g.initializer(f"{base}.zero_points", np.full(n, 128, np.uint8))]
+        zbytes = n
+    elif p.symmetric:
         q = g.initializer(f"{base}.qweight", (codes.astype(np.int16) - 128).astype(np.int8).T.copy())
         zp_in: list[str] = []
         zbytes = 0
