@@ -55,6 +55,12 @@ class StepContext:
     batch_size: int = 1
     tokenizer: Any = None
     reference: nn.Module | None = None  # the uncompressed model (kept when a step needs it, e.g. lowrank)
+    float_prefix: bool = False  # a W8A8 step keeps the first token in float: statistics leave it out
+
+    @property
+    def tokens(self) -> str:
+        """Which tokens activation statistics see (see ``StatRequest.tokens``)."""
+        return "after_first" if self.float_prefix else "all"
 
 
 def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
@@ -78,8 +84,13 @@ def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> l
 
         names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and n not in before]
         console.log(f"calibrating static {a.observer} activation ranges of {len(names)} linears")
+        if a.float_prefix:
+            from edgecompress.compress.quant.prefix import set_float_prefix
+
+            records.append({"float_prefix": set_float_prefix(model, ctx.windows, ctx.tokenizer)})
         records += calibrate_activations(model, _first(ctx.windows, a.samples), names, method=a.observer,
-                                         bits=a.bits, percentile=a.percentile, progress=ctx.progress, batch_size=ctx.batch_size)
+                                         bits=a.bits, percentile=a.percentile, progress=ctx.progress,
+                                         batch_size=ctx.batch_size, tokens="after_first" if a.float_prefix else "all")
     return records
 
 
@@ -92,7 +103,8 @@ def _apply_smoothquant(model: nn.Module, step: SmoothQuantStep, ctx: StepContext
 
     first = sorted({names[0] for _, _, names in fold_sites(model)})
     pattern = "^(?:" + "|".join(re.escape(n) for n in first) + ")$"
-    requests = [StatRequest(pattern, "minmax")] + ([StatRequest(pattern, "sample")] if step.alpha == "auto" else [])
+    requests = [StatRequest(pattern, "minmax", tokens=ctx.tokens)]
+    requests += [StatRequest(pattern, "sample", tokens=ctx.tokens)] if step.alpha == "auto" else []
     store = calibrate(model, _first(ctx.windows, step.samples), requests, progress=ctx.progress,
                       batch_size=ctx.batch_size)
 
@@ -299,10 +311,13 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
 
     t = time.perf_counter()
     steps: list[dict[str, Any]] = []
+    float_prefix = any(isinstance(s, QuantizeStep) and s.activations is not None and s.activations.float_prefix
+                       for s in recipe.steps)
     for i, step in enumerate(recipe.steps):
         console.log(f"step {i}: {step.step_type}")
-        records = STEP_APPLIERS[step.step_type](model, step, StepContext(windows, store, progress, cal.batch_size,
-                                                                          tokenizer=tok, reference=reference))
+        ctx = StepContext(windows, store, progress, cal.batch_size, tokenizer=tok, reference=reference,
+                          float_prefix=float_prefix)
+        records = STEP_APPLIERS[step.step_type](model, step, ctx)
         steps.append({"step": step.step_type, "config": step.model_dump(mode="json"), "modules": records})
     timings["steps_s"] = time.perf_counter() - t
 

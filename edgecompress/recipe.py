@@ -273,6 +273,11 @@ class ActivationSpec(BaseModel):
         "entropy (clipping that minimises KL between the histogram and its quantized form).")
     percentile: StrictFloat = Field(99.99, gt=50, le=100, description="percentile observer: the kept percentile.")
     samples: StrictInt | None = Field(None, ge=1, description="Calibration sequences used (default: all).")
+    float_prefix: StrictBool = Field(
+        False, description="PrefixQuant (Chen et al. 2024): the first token of every sequence (BOS) runs once in "
+        "float at export time and ships as a KV-cache prefix that the runtimes load instead of recomputing it; its "
+        "massive activations stay out of the calibrated ranges (and out of an earlier smoothquant step's "
+        "statistics). Inputs must start with the tokenizer's BOS token.")
 
 
 class QuantizeStep(StepConfig):

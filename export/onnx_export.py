@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+PREFIX_FILE = "prefix.safetensors"
 
 
 def weight_summary(formats: list[LayerFormat]) -> dict[str, Any]:
@@ -47,7 +48,24 @@ def export_causal_lm(model: nn.Module, dest: Path, *, accuracy_level: int = 4, f
     body = _save(proto, formats, dest, accuracy_level)
     body["onnx"]["kv_cache"] = {"layout": "[batch, kv_heads, seq, head_dim]", "dtype": "float32",
                                 "past": "past_key_values.{i}.key|value", "present": "present.{i}.key|value"}
+    tokens = getattr(model.config, "float_prefix", None)
+    if tokens:
+        body["prefix"] = write_prefix(model, list(tokens), dest)
     return body
+
+
+def write_prefix(model: nn.Module, tokens: list[int], dest: Path) -> dict[str, Any]:
+    """Compute the model's float prefix (PrefixQuant) and save it as ``dest/prefix.safetensors``."""
+    from safetensors.torch import save_file
+
+    from edgecompress.compress.quant.prefix import prefix_state
+
+    state = prefix_state(model, tokens)
+    save_file(state, str(dest / PREFIX_FILE))
+    log.info("wrote the float prefix %s (%d tokens)", dest / PREFIX_FILE, len(tokens))
+    return {"file": PREFIX_FILE, "tokens": tokens, "contents": "{i}.key, {i}.value [1, kv_heads, P, head_dim] "
+            "(the KV cache after the prefix, float32), logits [P, vocab]",
+            "use": "runtimes start every sequence that begins with these tokens from this cache"}
 
 
 def export_sentence_encoder(model: nn.Module, dest: Path, *, accuracy_level: int = 4, fuse: bool = True,

@@ -3,6 +3,7 @@ generation) and :class:`EncoderRuntime` (sentence encoders: embeddings)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -13,6 +14,8 @@ import numpy as np
 
 from edgecompress.artifact import Artifact
 from edgecompress.errors import EdgeCompressError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +37,36 @@ class Generation:
         return n / self.decode_seconds if n > 0 and self.decode_seconds else float("nan")
 
 
+@dataclass
+class Prefix:
+    """An artifact's float prefix (PrefixQuant, see ``compress/quant/prefix.py``): the KV cache and
+    logits of its first tokens, computed once in float at export; sequences starting with
+    ``tokens`` start from this cache instead of running them through the quantized graph."""
+
+    tokens: list[int]
+    kv: dict[str, np.ndarray]  # "{i}.key" / "{i}.value": [1, kv_heads, P, head_dim] float32
+    logits: np.ndarray  # [P, vocab] float32
+
+    @classmethod
+    def load(cls, artifact: Artifact) -> Prefix | None:
+        meta = artifact.manifest.get("prefix")
+        if not meta:
+            return None
+        from safetensors.numpy import load_file
+
+        state = load_file(str(artifact.path / meta["file"]))
+        return cls(list(meta["tokens"]), {k: v for k, v in state.items() if k != "logits"}, state["logits"])
+
+    def covers(self, ids: np.ndarray | list[int]) -> bool:
+        """Whether the sequence ``ids`` starts with the prefix."""
+        head = [int(t) for t in np.asarray(ids).reshape(-1)[: len(self.tokens)]]
+        if head == self.tokens:
+            return True
+        log.warning("the input does not start with the artifact's float prefix %s: its first token runs "
+                    "through the quantized graph, outside the calibrated activation ranges", self.tokens)
+        return False
+
+
 class Runtime(ABC):
     """Runs a causal-LM artifact: full-sequence logits (for checks) and greedy generation."""
 
@@ -42,6 +75,7 @@ class Runtime(ABC):
     def __init__(self, artifact: Artifact, *, threads: int | None = None):
         self.artifact = artifact
         self.threads = threads
+        self.prefix = Prefix.load(artifact)
 
     @abstractmethod
     def logits(self, input_ids: np.ndarray) -> np.ndarray:

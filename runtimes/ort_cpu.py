@@ -76,28 +76,40 @@ class OrtCpuRuntime(Runtime):
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids, np.int64).reshape(1, -1)
-        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **self._empty_past()}
-        return self.session.run(["logits"], feeds)[0][0]
+        past, done = self._empty_past(), np.zeros((0, self.vocab), np.float32)
+        if self.prefix is not None and self.prefix.covers(ids):  # start from the shipped float prefix
+            p = len(self.prefix.tokens)
+            past = {f"past_key_values.{k}": v for k, v in self.prefix.kv.items()}
+            done, ids = self.prefix.logits, ids[:, p:]
+            if not ids.shape[1]:
+                return done
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, len(done) + ids.shape[1]), np.int64), **past}
+        return np.concatenate([done, self.session.run(["logits"], feeds)[0][0]])
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id: int | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
         p = len(prompt_ids)
         max_len = p + max_new_tokens
+        # a shipped float prefix fills the first cache slots; the prompt's prefill starts after it
+        pre = self.prefix if self.prefix is not None and self.prefix.covers(prompt_ids) else None
+        skip = len(pre.tokens) if pre else 0
         io = self.session.io_binding()
         io.bind_output("logits", "cpu")  # bound first: io.get_outputs()[0] is the logits
         kv = []
         for i in range(self.n_layers):
             for k in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_shape_and_type(
-                    [1, self.kv_heads, max_len, self.head_dim], np.float32, "cpu", 0)
+                arr = np.zeros((1, self.kv_heads, max_len, self.head_dim), np.float32)
+                if pre:
+                    arr[:, :, :skip] = pre.kv[f"{i}.{k}"]
+                buf = ort.OrtValue.ortvalue_from_numpy(arr)
                 io.bind_ortvalue_input(f"past_key_values.{i}.{k}", buf)
                 io.bind_ortvalue_output(f"present.{i}.{k}", buf)
-                kv.append(buf)  # keep alive
+                kv.append((arr, buf))  # keep alive
         # Every array ORT reads or writes is held here for the whole call: an OrtValue made
         # from NumPy borrows its memory.
         mask = np.ones(max_len, np.int64)
         keep = np.ones(1, np.int64)
-        prompt = np.ascontiguousarray(np.asarray(prompt_ids, np.int64).reshape(1, p))
+        prompt = np.ascontiguousarray(np.asarray(prompt_ids[skip:], np.int64).reshape(1, p - skip))
         bound = [ort.OrtValue.ortvalue_from_numpy(prompt), ort.OrtValue.ortvalue_from_numpy(mask[:p].reshape(1, p))]
         if self.has_keep:
             bound.append(ort.OrtValue.ortvalue_from_numpy(keep))
@@ -105,8 +117,11 @@ class OrtCpuRuntime(Runtime):
         io.bind_ortvalue_input("input_ids", bound[0])
         io.bind_ortvalue_input("attention_mask", bound[1])
         with Timer() as prefill:
-            self.session.run_with_iobinding(io)
-            tok = int(io.get_outputs()[0].numpy()[0, -1].argmax())
+            if skip == p:  # the prompt is the prefix: its last logits are shipped
+                tok = int(pre.logits[-1].argmax())
+            else:
+                self.session.run_with_iobinding(io)
+                tok = int(io.get_outputs()[0].numpy()[0, -1].argmax())
         tokens = [tok]
         if on_token:
             on_token(tok)

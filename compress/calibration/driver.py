@@ -43,22 +43,23 @@ class StatRequest:
     module never collide. ``tokens`` pools each sequence ``[B, T, C]`` before the
     observer sees it: ``"all"`` (every token), ``"last"`` (the last token of each
     sequence) or ``"mean"`` (the mean over its tokens), so a prompt set gives one row
-    per prompt (feed unpadded prompts one per batch).
+    per prompt (feed unpadded prompts one per batch); ``"after_first"`` drops each
+    sequence's first token (a float prefix that static activation ranges must not see).
     """
 
     pattern: str
     stat: str
     where: Literal["input", "output"] = "input"
     module_types: tuple[type[nn.Module], ...] = field(default=(nn.Linear,))
-    tokens: Literal["all", "last", "mean"] = "all"
+    tokens: Literal["all", "last", "mean", "after_first"] = "all"
 
     def __post_init__(self) -> None:
         if self.stat not in OBSERVERS:
             raise RecipeError(f"unknown statistic {self.stat!r}", hint=f"use one of {', '.join(sorted(OBSERVERS))}")
         if self.where not in ("input", "output"):
             raise RecipeError(f"where must be 'input' or 'output', got {self.where!r}")
-        if self.tokens not in ("all", "last", "mean"):
-            raise RecipeError(f"tokens must be 'all', 'last' or 'mean', got {self.tokens!r}")
+        if self.tokens not in ("all", "last", "mean", "after_first"):
+            raise RecipeError(f"tokens must be 'all', 'last', 'mean' or 'after_first', got {self.tokens!r}")
         try:
             re.compile(self.pattern)
         except re.error as exc:
@@ -85,6 +86,8 @@ class StatRequest:
             return x
         if x.dim() < 3:
             raise TypeError(f"tokens={self.tokens!r} needs [batch, tokens, channels] activations, got {tuple(x.shape)}")
+        if self.tokens == "after_first":
+            return x[:, 1:]
         return x[:, -1] if self.tokens == "last" else x.mean(dim=1)
 
 

@@ -27,15 +27,19 @@ log = logging.getLogger(__name__)
 
 def calibrate_activations(model: nn.Module, batches: Iterable[Any], names: list[str], *, method: str = "minmax",
                           bits: int = 8, per_channel: bool = False, percentile: float = 99.99,
-                          progress: bool = False, batch_size: int = 1) -> list[dict[str, Any]]:
-    """Calibrate and attach static input quantization to the ``QuantLinear`` modules ``names``."""
+                          progress: bool = False, batch_size: int = 1,
+                          tokens: str = "all") -> list[dict[str, Any]]:
+    """Calibrate and attach static input quantization to the ``QuantLinear`` modules ``names``.
+
+    ``tokens="after_first"`` leaves each sequence's first token out of the ranges (a float prefix,
+    see :mod:`edgecompress.compress.quant.prefix`)."""
     if not names:
         return []
     observed = sorted({stat_source(n) for n in names})  # q/k/v (gate/up) share one input: observe it once
     pattern = "^(?:" + "|".join(re.escape(n) for n in observed) + ")$"
-    requests = [StatRequest(pattern, "minmax", module_types=(QuantLinear,))]
+    requests = [StatRequest(pattern, "minmax", module_types=(QuantLinear,), tokens=tokens)]
     if method != "minmax":
-        requests.append(StatRequest(pattern, "histogram_signed", module_types=(QuantLinear,)))
+        requests.append(StatRequest(pattern, "histogram_signed", module_types=(QuantLinear,), tokens=tokens))
     store = calibrate(model, batches, requests, progress=progress, batch_size=batch_size)
     records = []
     for name in names:
