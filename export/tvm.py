@@ -40,6 +40,10 @@ from .npu import fold_constants
 
 log = logging.getLogger(__name__)
 
+LIBRARY, PARAMS = "model.so", "params.safetensors"
+# The library's calling convention; the runtime refuses a library with another one.
+INTERFACE = "relax-vm/main(input_ids, attention_mask, *past_kv, *params) -> (logits, *present_kv); v1"
+
 def _relax():
     import tvm
     from tvm import relax
@@ -149,8 +153,9 @@ class _Converters:
         v = bb.emit(op.reshape(v, [batch, seq, kv, d]))
         if cos is not None:
             pos = bb.emit(op.arange(past, past + seq, 1, "int64"))
-            c = bb.emit(op.reshape(op.take(cos, pos, axis=0), [1, seq, 1, d // 2]))
-            s = bb.emit(op.reshape(op.take(sin, pos, axis=0), [1, seq, 1, d // 2]))
+            # positions past the cache are refused by the runtime (max_positions in the manifest)
+            c = bb.emit(op.reshape(op.take(cos, pos, axis=0, mode="clip"), [1, seq, 1, d // 2]))
+            s = bb.emit(op.reshape(op.take(sin, pos, axis=0, mode="clip"), [1, seq, 1, d // 2]))
 
             def rotate(x):
                 x1 = bb.emit(op.strided_slice(x, axes=[3], begin=[0], end=[d // 2]))
@@ -276,26 +281,51 @@ def compile_library(mod, target):
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
-def build_decoder(onnx_path: Path, dest: Path, *, target=None, threads: int | None = None) -> dict[str, Any]:
+def kv_layout(model: onnx.ModelProto) -> dict[str, int]:
+    """Layers, KV heads and head size of a decoder, from its ``past_key_values.*`` inputs."""
+    past = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
+    if not past:
+        raise EdgeCompressError("the TVM target compiles KV-cache decoders; this graph has no past_key_values inputs",
+                                hint="export a causal LM (the sentence encoders run on --runtime ort-cpu)")
+    dims = past[0].type.tensor_type.shape.dim
+    return {"layers": len(past) // 2, "kv_heads": int(dims[1].dim_value), "head_dim": int(dims[3].dim_value)}
+
+
+def _max_positions(model: onnx.ModelProto) -> int | None:
+    """Rows of the (folded) rotary cache: the longest sequence the decoder can run."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "GroupQueryAttention" and len(n.input) > 7 and n.input[7] in inits:
+            return int(inits[n.input[7]].dims[0])
+    return None
+
+
+def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None = None,
+                  threads: int | None = None) -> dict[str, Any]:
     """Compile the KV-cache decoder at ``onnx_path`` into ``dest`` (``model.so`` +
-    ``params.safetensors``); returns the manifest's ``tvm`` section."""
-    import tvm
+    ``params.safetensors``) for ``target`` (default: LLVM for ``mcpu``, default this machine's
+    CPU); returns the manifest's ``tvm`` section: what the library needs to load (TVM version,
+    triple, CPU, calling convention) and what compiling it cost."""
     from safetensors.numpy import save_file
 
     from . import tvm_kernels as kern
 
-    target = target or kern.target_llvm(threads=threads)
+    target = target or kern.target_llvm(mcpu, threads=threads)
     model = onnx.load(str(onnx_path))
+    layout = kv_layout(model)
     t0 = time.perf_counter()
     prepared, custom = prepare(model, logits_to_keep=0)
+    layout["max_positions"] = _max_positions(prepared)
     mod, params = import_relax(prepared)
     import_s = time.perf_counter() - t0
     lib = compile_library(mod, target)
-    compile_s = time.perf_counter() - t0 - import_s
     dest.mkdir(parents=True, exist_ok=True)
-    lib.export_library(str(dest / "model.so"))
-    save_file({f"p{i:04d}": np.ascontiguousarray(a) for i, a in enumerate(params)}, str(dest / "params.safetensors"))
-    return {"tvm_version": tvm.__version__, "target": str(target.export()) if hasattr(target, "export") else str(target),
-            "mcpu": str(target.attrs.get("mcpu", "")), "params": len(params),
-            "function_body_ops": custom, "import_seconds": round(import_s, 1),
-            "compile_seconds": round(compile_s, 1)}
+    lib.export_library(str(dest / LIBRARY))
+    compile_s = time.perf_counter() - t0 - import_s  # LLVM code generation and linking
+    save_file({f"p{i:04d}": np.ascontiguousarray(a) for i, a in enumerate(params)}, str(dest / PARAMS))
+    host = kern.host()
+    return {"interface": INTERFACE, "library": LIBRARY, "params_file": PARAMS, "tvm_version": host["tvm_version"],
+            "target": {k: (list(v) if k == "keys" else str(v)) for k, v in target.export().items() if k != "tag"},
+            "triple": str(target.attrs.get("mtriple") or host["triple"]),
+            "mcpu": str(target.attrs.get("mcpu") or host["mcpu"]), "kv_cache": layout, "params": len(params),
+            "function_body_ops": custom, "import_seconds": round(import_s, 1), "compile_seconds": round(compile_s, 1)}

@@ -188,7 +188,20 @@ def target_llvm(mcpu: str | None = None, threads: int | None = None) -> tvm.targ
     """An LLVM CPU target for this machine's CPU (``mcpu`` from LLVM's host detection)."""
     from tvm.target import codegen
 
+    if mcpu and not codegen.llvm_is_valid_cpu(mcpu, codegen.llvm_get_system_triple()):
+        from edgecompress.errors import EdgeCompressError
+
+        raise EdgeCompressError(f"LLVM does not know the CPU {mcpu!r}",
+                                hint=f"name an LLVM CPU, e.g. {codegen.llvm_get_system_cpu()} (this machine's)")
     spec = {"kind": "llvm", "mcpu": mcpu or codegen.llvm_get_system_cpu()}
     if threads:
         spec["num-cores"] = int(threads)
     return tvm.target.Target(spec)
+
+
+def host() -> dict[str, str]:
+    """What a compiled library depends on, for this process: TVM version, LLVM host triple and CPU."""
+    from tvm.target import codegen
+
+    return {"tvm_version": tvm.__version__, "triple": str(codegen.llvm_get_system_triple()),
+            "mcpu": str(codegen.llvm_get_system_cpu())}
