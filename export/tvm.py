@@ -5,8 +5,8 @@ decoder export writes. This module supplies a converter for each one the toolkit
 
 * ``MatMulNBits`` and ``GatherBlockQuantized`` -> the packed-weight kernels of
   :mod:`.tvm_kernels` (weights stay 4/8-bit in memory; dequantized in the inner loop);
-* ``GroupQueryAttention`` -> rotary embedding, KV-cache concatenation and two scheduled
-  attention kernels (grouped heads read their shared KV head; no ``repeat``);
+* ``GroupQueryAttention`` -> rotary embedding, an in-place append to the KV cache and two
+  scheduled attention kernels (grouped heads read their shared KV head; no ``repeat``);
 * ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` -> ``rms_norm``.
 
 ``edgecompress::`` custom ops are inlined to their ONNX function bodies before import (their
@@ -14,9 +14,13 @@ weights are then decompressed once, at compile time: they have no native TVM ker
 manifest lists them under ``tvm.function_body_ops``). Any other operator the importer lacks is
 an error naming the node, before any compilation.
 
-The library's ``main`` returns logits for every position (``logits_to_keep`` is fixed to 0) and
-the present KV cache. The parameters (initializers) are trailing inputs of ``main``, stored in
-``params.safetensors`` beside the library and bound once at load time.
+The library's calling convention (:data:`INTERFACE`) differs from the ONNX graph's: ``main(input_ids,
+*kv_cache_views, *params)`` returns the logits of every position (``logits_to_keep`` is fixed to
+0); each cache view is the first ``T = past + new`` rows of a runtime-owned position-major buffer
+``[positions, kv_heads, head_dim]``, and the new rows are written into it in place (no present
+outputs, no per-token copies of the cache, no attention mask: one unpadded sequence). The
+parameters (initializers) are trailing inputs of ``main``, stored in ``params.safetensors``
+beside the library and bound once at load time.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ log = logging.getLogger(__name__)
 
 LIBRARY, PARAMS = "model.so", "params.safetensors"
 # The library's calling convention; the runtime refuses a library with another one.
-INTERFACE = "relax-vm/main(input_ids, attention_mask, *past_kv, *params) -> (logits, *present_kv); v1"
+INTERFACE = "relax-vm/main(input_ids, *kv_cache_views [T, kv_heads, head_dim], *params) -> logits; v2"
 
 def _relax():
     import tvm
@@ -125,9 +129,12 @@ class _Converters:
 
     @staticmethod
     def group_query_attention(bb, inputs, attr, params):
-        """GroupQueryAttention for one unpadded sequence per batch row: positions ``P .. P+S-1``
-        where ``P`` is the past length (the runtimes feed full-width masks; ``seqlens_k`` and
-        ``total_sequence_length`` are implied by the shapes)."""
+        """GroupQueryAttention for one unpadded sequence (batch 1) over an in-place KV cache.
+
+        ``past_key``/``past_value`` are views ``[T, kv_heads, head_dim]`` (position-major) of
+        the runtime's cache buffers, ``T = P + S``: the ``S`` new keys and values are written at
+        rows ``P .. T-1`` in place (:func:`.tvm_kernels.kv_append`) and attention reads all
+        ``T`` rows; ``seqlens_k`` and ``total_sequence_length`` are implied by the shapes."""
         from tvm import relax
 
         from . import tvm_kernels as kern
@@ -140,8 +147,9 @@ class _Converters:
         q_in, k_in, v_in, past_k, past_v = inputs[:5]
         cos, sin = (inputs[7], inputs[8]) if int(attr.get("do_rotary", 0)) else (None, None)
         batch, seq = _shape(q_in)[:2]
-        d = int(_shape(past_k)[3])
-        past = _shape(past_k)[2]
+        total = _shape(past_k)[0]
+        d = int(_shape(past_k)[2])
+        past = total - seq
         if k_in is None:  # packed QKV
             q = bb.emit(op.strided_slice(q_in, axes=[2], begin=[0], end=[heads * d]))
             k = bb.emit(op.strided_slice(q_in, axes=[2], begin=[heads * d], end=[(heads + kv) * d]))
@@ -149,30 +157,33 @@ class _Converters:
         else:
             q, k, v = q_in, k_in, v_in
         q = bb.emit(op.reshape(q, [batch, seq, heads, d]))
-        k = bb.emit(op.reshape(k, [batch, seq, kv, d]))
-        v = bb.emit(op.reshape(v, [batch, seq, kv, d]))
+        k = bb.emit(op.reshape(k, [seq, kv, d]))
+        v = bb.emit(op.reshape(v, [seq, kv, d]))
         if cos is not None:
-            pos = bb.emit(op.arange(past, past + seq, 1, "int64"))
+            pos = bb.emit(op.arange(past, total, 1, "int64"))
             # positions past the cache are refused by the runtime (max_positions in the manifest)
-            c = bb.emit(op.reshape(op.take(cos, pos, axis=0, mode="clip"), [1, seq, 1, d // 2]))
-            s = bb.emit(op.reshape(op.take(sin, pos, axis=0, mode="clip"), [1, seq, 1, d // 2]))
+            c = bb.emit(op.take(cos, pos, axis=0, mode="clip"))
+            s = bb.emit(op.take(sin, pos, axis=0, mode="clip"))
 
-            def rotate(x):
+            def rotate(x, shape):
                 x1 = bb.emit(op.strided_slice(x, axes=[3], begin=[0], end=[d // 2]))
                 x2 = bb.emit(op.strided_slice(x, axes=[3], begin=[d // 2], end=[d]))
-                return bb.emit(op.concat([op.subtract(op.multiply(x1, c), op.multiply(x2, s)),
-                                          op.add(op.multiply(x2, c), op.multiply(x1, s))], axis=3))
-            q, k = rotate(q), rotate(k)
-        present_k = bb.emit(op.concat([past_k, op.permute_dims(k, [0, 2, 1, 3])], axis=2))
-        present_v = bb.emit(op.concat([past_v, op.permute_dims(v, [0, 2, 1, 3])], axis=2))
+                return bb.emit(op.reshape(op.concat([op.subtract(op.multiply(x1, c4), op.multiply(x2, s4)),
+                                                     op.add(op.multiply(x2, c4), op.multiply(x1, s4))], axis=3),
+                                          shape))
+            c4 = bb.emit(op.reshape(c, [1, seq, 1, d // 2]))
+            s4 = bb.emit(op.reshape(s, [1, seq, 1, d // 2]))
+            q = rotate(q, [batch, seq, heads, d])
+            k = rotate(bb.emit(op.reshape(k, [1, seq, kv, d])), [seq, kv, d])
+        append = bb.add_func(kern.kv_append(kv, d), f"kv_append_kv{kv}_d{d}")
+        cache = relax.TensorType([total, kv, d], "float32")
+        kc = bb.emit(relax.call_tir_inplace(append, [past_k, k], [0], cache))
+        vc = bb.emit(relax.call_tir_inplace(append, [past_v, v], [0], cache))
         group = heads // kv
-        total = past + seq
         scale = float(attr.get("scale", 0.0)) or 1.0 / math.sqrt(d)
         # one batch row: q [S, H, D] -> [KV, group * S, D] (grouped heads share their KV head)
         qg = bb.emit(op.reshape(op.permute_dims(op.reshape(q, [seq, kv, group, d]), [1, 2, 0, 3]),
                                 [kv, group * seq, d]))
-        kc = bb.emit(op.reshape(present_k, [kv, total, d]))
-        vc = bb.emit(op.reshape(present_v, [kv, total, d]))
         scores_fn = bb.add_func(kern.attention_scores(kv, group, d, scale), f"attention_scores_kv{kv}_g{group}_d{d}")
         values_fn = bb.add_func(kern.attention_values(kv, d), f"attention_values_kv{kv}_d{d}")
         scores = bb.emit(relax.call_tir(scores_fn, [qg, kc], relax.TensorType([kv, group * seq, total], "float32")))
@@ -180,7 +191,7 @@ class _Converters:
         out = bb.emit(relax.call_tir(values_fn, [probs, vc], relax.TensorType([kv, group * seq, d], "float32")))
         out = bb.emit(op.reshape(op.permute_dims(op.reshape(out, [kv, group, seq, d]), [2, 0, 1, 3]),
                                  [batch, seq, heads * d]))
-        return relax.Tuple([out, present_k, present_v])
+        return relax.Tuple([out, kc, vc])
 
 
 def _converter(fn):
@@ -240,7 +251,43 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int) -> tuple[onnx.ModelP
         keep = [i for i in g.input if i.name != "logits_to_keep"]
         del g.input[:]
         g.input.extend(keep)
-    return fold_constants(model), custom
+    return _inplace_kv_interface(fold_constants(model)), custom
+
+
+def _inplace_kv_interface(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The library's calling convention (:data:`INTERFACE`): each ``past_key_values.*`` input is
+    a position-major cache view ``[total_sequence_length, kv_heads, head_dim]`` that attention
+    appends to in place; ``logits`` is the only output; the attention mask (whose only use was
+    the sequence lengths GroupQueryAttention takes from the shapes here) is pruned."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    for n in g.node:
+        if n.op_type == "GroupQueryAttention":
+            for i in (5, 6):  # seqlens_k, total_sequence_length
+                n.input[i] = ""
+    layout = kv_layout(model)
+    for i in g.input:
+        if i.name.startswith("past_key_values."):
+            i.CopyFrom(helper.make_tensor_value_info(i.name, TensorProto.FLOAT, ["total_sequence_length",
+                                                                                 layout["kv_heads"],
+                                                                                 layout["head_dim"]]))
+    outputs = [o for o in g.output if o.name == "logits"]
+    del g.output[:]
+    g.output.extend(outputs)
+    needed = {o.name for o in g.output}
+    kept = []
+    for n in reversed(g.node):  # dead-node elimination
+        if any(o in needed for o in n.output):
+            kept.append(n)
+            needed.update(x for x in n.input if x)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    for field in (g.input, g.initializer):
+        alive = [x for x in field if x.name in needed]
+        del field[:]
+        field.extend(alive)
+    return model
 
 
 def import_relax(model: onnx.ModelProto):

@@ -11,8 +11,10 @@ It runs two kinds of causal-LM artifact:
   into the cache, ``~/.cache/edgecompress/tvm/<key>`` (or ``$EDGECOMPRESS_CACHE/tvm``), keyed by
   the ONNX files' sha256, the TVM version, the CPU and the calling convention, and reused after.
 
-Both run the same library: ``main(input_ids, attention_mask, *past_kv, *params) -> (logits,
-*present_kv)`` with the parameters bound once at load.
+Both run the same library, ``main(input_ids, *kv_cache_views, *params) -> logits``: the runtime
+allocates one ``[positions, kv_heads, head_dim]`` buffer per layer and key/value for the whole
+generation and passes views of its first ``past + new`` rows; the library writes the new rows in
+place (no cache copies per token). The parameters are loaded once.
 """
 
 from __future__ import annotations
@@ -132,29 +134,31 @@ class TvmCpuRuntime(Runtime):
         self.n_layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
         self.max_positions = kv.get("max_positions")
 
-    def _empty_past(self) -> list:
-        z = self._tensor(np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32), self.dev)
-        return [z] * (2 * self.n_layers)
+    def _cache(self, capacity: int) -> list:
+        """Zeroed KV buffers ``[capacity, kv_heads, head_dim]``, one per layer and key/value."""
+        return [self._tensor(np.zeros((capacity, self.kv_heads, self.head_dim), np.float32), self.dev)
+                for _ in range(2 * self.n_layers)]
 
-    def _step(self, ids: np.ndarray, past: list, total: int) -> list:
-        """One call of ``main``: logits and the present KV cache (``total`` = past + new tokens)."""
+    def _step(self, ids: np.ndarray, cache: list, total: int):
+        """One call of ``main`` on the first ``total`` positions of ``cache`` (past + the new
+        tokens, which it writes there in place); returns the logits ``[1, S, vocab]``."""
         if self.max_positions and total > self.max_positions:
             raise EdgeCompressError(f"{total} tokens exceed the {self.max_positions} positions this decoder "
                                     "was exported for", hint="use a shorter prompt or fewer new tokens")
-        feeds = [self._tensor(ids, self.dev), self._tensor(np.ones((1, total), np.int64), self.dev)]
-        return list(self._main(*feeds, *past, *self.params))
+        shape = (total, self.kv_heads, self.head_dim)
+        return self._main(self._tensor(ids, self.dev), *[c._create_view(shape) for c in cache], *self.params)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids, np.int64).reshape(1, -1)
-        return self._step(ids, self._empty_past(), ids.shape[1])[0].numpy()[0]
+        return self._step(ids, self._cache(ids.shape[1]), ids.shape[1]).numpy()[0]
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, *, eos_token_id: int | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
         p = len(prompt_ids)
+        cache = self._cache(p + max_new_tokens)
         ids = np.asarray(prompt_ids, np.int64).reshape(1, p)
         with Timer() as prefill:
-            out = self._step(ids, self._empty_past(), p)
-            tok = int(out[0].numpy()[0, -1].argmax())
+            tok = int(self._step(ids, cache, p).numpy()[0, -1].argmax())
         tokens = [tok]
         if on_token:
             on_token(tok)
@@ -164,8 +168,7 @@ class TvmCpuRuntime(Runtime):
                 if eos_token_id is not None and tok == eos_token_id:
                     break
                 cur[0, 0] = tok
-                out = self._step(cur, out[1:], t + 1)  # the present cache is the next step's past
-                tok = int(out[0].numpy()[0, -1].argmax())
+                tok = int(self._step(cur, cache, t + 1).numpy()[0, -1].argmax())
                 tokens.append(tok)
                 if on_token:
                     on_token(tok)
