@@ -4,7 +4,8 @@
 
 Both runtimes are the toolkit's own (``ort-cpu`` and ``tvm-cpu``; the TVM one compiles the
 artifact for this CPU on first use, cached). Greedy decoding of the same held-out prompt on
-each, after a warm-up, median of ``--repeats`` runs; reports tok/s for each, their ratio, the
+each, after a warm-up; the median of ``--repeats`` runs, interleaved ORT, TVM, ORT, ... (a
+change in the machine's load hits both alike). Reports tok/s for each, their ratio, the
 compile time, the greedy-token agreement and, on the prompt's logits, the max abs difference
 and top-1 agreement.
 """
@@ -36,10 +37,12 @@ def main() -> None:
     art = Artifact.load(args.artifact)
     prompt = [int(t) for t in np.asarray(token_windows(art.tokenizer(), load_text("pydoc:eval"), args.prompt, 1))[0]]
     runtimes = {name: open_runtime(name, art, threads=args.threads) for name in ("ort-cpu", "tvm-cpu")}
-    runs = {}
-    for name, rt in runtimes.items():
+    runs = {name: [] for name in runtimes}
+    for rt in runtimes.values():
         rt.generate(prompt, 4)  # warm-up
-        runs[name] = [rt.generate(prompt, args.new) for _ in range(args.repeats)]
+    for _ in range(args.repeats):  # interleaved: a change in the machine's load hits both alike
+        for name, rt in runtimes.items():
+            runs[name].append(rt.generate(prompt, args.new))
     decode = {n: statistics.median(g.decode_tok_s for g in r) for n, r in runs.items()}
     prefill = {n: statistics.median(g.prefill_tok_s for g in r) for n, r in runs.items()}
     ort_logits, tvm_logits = (runtimes[n].logits(np.asarray(prompt)) for n in ("ort-cpu", "tvm-cpu"))
