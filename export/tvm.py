@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 LIBRARY, PARAMS = "model.so", "params.safetensors"
 # The library's calling convention; the runtime refuses a library with another one.
-INTERFACE = "relax-vm/main(input_ids, *kv_cache_views [T, kv_heads, head_dim], *params) -> logits; v2"
+INTERFACE = ("relax-vm/main and decode (one token)(input_ids [1, S], *kv_cache_views [T, kv_heads, head_dim], "
+             "*params) -> logits; v3")
 
 def _relax():
     import tvm
@@ -110,11 +111,9 @@ class _Converters:
 
     @staticmethod
     def simplified_layer_norm(bb, inputs, attr, params):
-        from tvm import relax
-
         if int(attr.get("axis", -1)) != -1:
             raise NotImplementedError("SimplifiedLayerNormalization over an axis other than the last")
-        return relax.op.nn.rms_norm(inputs[0], inputs[1], axes=[-1], epsilon=float(attr.get("epsilon", 1e-5)))
+        return _rms_norm(bb, inputs[0], inputs[1], float(attr.get("epsilon", 1e-5)))
 
     @staticmethod
     def skip_simplified_layer_norm(bb, inputs, attr, params):
@@ -123,7 +122,7 @@ class _Converters:
         total = bb.emit(relax.op.add(inputs[0], inputs[1]))
         if len(inputs) > 3 and inputs[3] is not None:
             total = bb.emit(relax.op.add(total, inputs[3]))
-        y = relax.op.nn.rms_norm(total, inputs[2], axes=[-1], epsilon=float(attr.get("epsilon", 1e-5)))
+        y = _rms_norm(bb, total, inputs[2], float(attr.get("epsilon", 1e-5)))
         empty = relax.const(0.0, "float32")
         return relax.Tuple([bb.emit(y), empty, empty, total])
 
@@ -192,6 +191,23 @@ class _Converters:
         out = bb.emit(op.reshape(op.permute_dims(op.reshape(out, [kv, group, seq, d]), [2, 0, 1, 3]),
                                  [batch, seq, heads * d]))
         return relax.Tuple([out, kc, vc])
+
+
+def _rms_norm(bb, x, weight, epsilon: float):
+    """RMS norm over the last axis through :func:`.tvm_kernels.rms_norm` (rows flattened)."""
+    from tvm import relax
+
+    from . import tvm_kernels as kern
+
+    shape = _shape(x)
+    hidden = int(shape[-1])
+    rows = 1
+    for d in shape[:-1]:
+        rows = rows * d
+    x2 = bb.emit(relax.op.reshape(x, [rows, hidden]))
+    gv = bb.add_func(kern.rms_norm(hidden, epsilon), f"rms_norm_h{hidden}")
+    y = bb.emit(relax.call_tir(gv, [x2, weight], relax.TensorType([rows, hidden], "float32")))
+    return relax.op.reshape(y, shape)
 
 
 def _converter(fn):
@@ -306,7 +322,34 @@ def import_relax(model: onnx.ModelProto):
         warnings.simplefilter("ignore")  # the checker's complaints about contrib ops; unknown dims
         mod = from_onnx(model, keep_params_in_input=True)
     mod, params = relax.frontend.detach_params(mod)
-    return mod, [p.numpy() if hasattr(p, "numpy") else np.asarray(p) for p in params["main"]]
+    return _specialize(mod), [p.numpy() if hasattr(p, "numpy") else np.asarray(p) for p in params["main"]]
+
+
+def _specialize(mod):
+    """``main`` for batch 1 (the only batch the converters support) and ``decode``, the same
+    function for one new token: static shapes save the VM most of its per-call shape work."""
+    from tvm.relax.utils import copy_with_new_vars
+
+    main = mod["main"]
+    mod["main"] = _bind(main, {"batch_size": 1})
+    decode = _bind(copy_with_new_vars(main), {"batch_size": 1, "sequence_length": 1})
+    mod["decode"] = decode.with_attr("global_symbol", "decode")
+    return mod
+
+
+def _bind(func, values: dict[str, int]):
+    """``func`` with its symbolic shape variables named in ``values`` fixed."""
+    by_name = {v.name: v for p in func.params for v in _sym_vars(p)}
+    bound = {by_name[k]: v for k, v in values.items() if k in by_name}
+    return func.bind_symbolic_vars(bound) if bound else func
+
+
+def _sym_vars(param) -> list:
+    from tvm import tirx
+
+    shape = getattr(param.ty, "shape", None)
+    values = getattr(shape, "values", None) or []
+    return [d for d in values if isinstance(d, tirx.Var)]
 
 
 def compile_library(mod, target):

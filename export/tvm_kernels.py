@@ -148,6 +148,26 @@ def gather_block_quantized(v: int, nb: int, blob: int, bits: int, block_size: in
     return _finish(sch.mod["main"])
 
 
+def rms_norm(hidden: int, epsilon: float) -> tirx.PrimFunc:
+    """``y[i, :] = x[i, :] * w / sqrt(mean(x[i, :]^2) + epsilon)`` on ``[m, hidden]`` rows: one
+    thread (a decode row is a few hundred floats: a parallel launch costs more than the work),
+    the scaling vectorised. Relax's generic ``rms_norm`` took ~50 us per decode row here, and
+    ~1 ms with static shapes."""
+    m = tirx.Var("m", "int64")
+    x = te.placeholder((m, hidden), "float32", name="x")
+    w = te.placeholder((hidden,), "float32", name="w")
+    r = te.reduce_axis((0, hidden), "r")
+    sq = te.compute((m,), lambda i: te.sum(x[i, r] * x[i, r], axis=r), name="sumsq")
+    inv = te.compute((m,), lambda i: tirx.rsqrt(sq[i] / tirx.const(hidden, "float32")
+                                                + tirx.const(epsilon, "float32")), name="inv")
+    y = te.compute((m, hidden), lambda i, j: x[i, j] * w[j] * inv[i], name="y")
+    sch = s_tir.Schedule(te.create_prim_func([x, w, y]))
+    _, j = sch.get_loops(sch.get_sblock("y"))
+    _, lane = sch.split(j, [None, _lanes(hidden)])
+    sch.vectorize(lane)
+    return _finish(sch.mod["main"])
+
+
 def kv_append(kv_heads: int, head_dim: int) -> tirx.PrimFunc:
     """In place (``call_tir_inplace`` on argument 0): ``cache[T - S + s, h, :] = new[s, h, :]``, the
     ``S`` new positions written at the end of a ``[T, kv_heads, head_dim]`` cache view."""

@@ -9,9 +9,11 @@ It runs two kinds of causal-LM artifact:
   execute instructions this CPU lacks);
 * an **ONNX artifact**: compiled for this machine's CPU on first use (seconds for SmolLM2-135M)
   into the cache, ``~/.cache/edgecompress/tvm/<key>`` (or ``$EDGECOMPRESS_CACHE/tvm``), keyed by
-  the ONNX files' sha256, the TVM version, the CPU and the calling convention, and reused after.
+  the ONNX files' sha256, the TVM version, the CPU, the calling convention and the compiler's own
+  source (``export/tvm.py``, ``export/tvm_kernels.py``), and reused after.
 
-Both run the same library, ``main(input_ids, *kv_cache_views, *params) -> logits``: the runtime
+Both run the same library, ``main(input_ids, *kv_cache_views, *params) -> logits`` (and
+``decode``, the same for one new token with static shapes): the runtime
 allocates one ``[positions, kv_heads, head_dim]`` buffer per layer and key/value for the whole
 generation and passes views of its first ``past + new`` rows; the library writes the new rows in
 place (no cache copies per token). The parameters are loaded once.
@@ -74,7 +76,11 @@ def _cache_key(artifact: Artifact) -> str:
     onnx_files = {k: v.get("sha256") for k, v in files.items() if k.startswith(artifact.onnx_path.name)}
     if not onnx_files:  # a folder without hashes: hash the graph file itself
         onnx_files = {artifact.onnx_path.name: hashlib.sha256(artifact.onnx_path.read_bytes()).hexdigest()}
-    blob = json.dumps({"onnx": onnx_files, "host": host(), "interface": INTERFACE}, sort_keys=True)
+    import edgecompress.export.tvm as compiler
+    import edgecompress.export.tvm_kernels as kernels
+
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (compiler, kernels))).hexdigest()
+    blob = json.dumps({"onnx": onnx_files, "host": host(), "interface": INTERFACE, "compiler": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -127,7 +133,7 @@ class TvmCpuRuntime(Runtime):
         self.dev = tvm.cpu()
         self._tensor = tvm.runtime.tensor
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / self.info["library"])), self.dev)
-        self._main = self.vm["main"]
+        self._main, self._decode = self.vm["main"], self.vm["decode"]
         stored = load_file(str(folder / self.info["params_file"]))
         self.params = [self._tensor(stored[k], self.dev) for k in sorted(stored)]
         kv = self.info["kv_cache"]
@@ -146,7 +152,8 @@ class TvmCpuRuntime(Runtime):
             raise EdgeCompressError(f"{total} tokens exceed the {self.max_positions} positions this decoder "
                                     "was exported for", hint="use a shorter prompt or fewer new tokens")
         shape = (total, self.kv_heads, self.head_dim)
-        return self._main(self._tensor(ids, self.dev), *[c._create_view(shape) for c in cache], *self.params)
+        fn = self._decode if ids.shape[1] == 1 else self._main  # decode: static shapes for one token
+        return fn(self._tensor(ids, self.dev), *[c._create_view(shape) for c in cache], *self.params)
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(input_ids, np.int64).reshape(1, -1)

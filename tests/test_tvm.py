@@ -96,6 +96,16 @@ def test_attention_kernels_match_numpy(seq, past):
     np.testing.assert_allclose(out, np.einsum("hrt,thd->hrd", p, vc), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (3, 40), (2, 37)])  # SmolLM2's width; odd widths
+def test_rms_norm_kernel_matches_numpy(rows, hidden):
+    rng = np.random.default_rng(hidden)
+    x = rng.standard_normal((rows, hidden)).astype(np.float32) * 3
+    w = rng.standard_normal(hidden).astype(np.float32)
+    y = _run(kern.rms_norm(hidden, 1e-5), [x, w, np.zeros_like(x)])
+    ref = x * w / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("seq,total", [(1, 1), (1, 7), (3, 3), (4, 9)])
 def test_kv_append_writes_the_last_rows_in_place(seq, total):
     func = kern.kv_append(3, 8).with_attr("global_symbol", "main")
