@@ -156,6 +156,11 @@ class Artifact:
         return self.path / self.manifest.get("onnx", {}).get("model", "model.onnx")
 
     @property
+    def format(self) -> str:
+        """``onnx``, or ``tvm`` for a compiled TVM library (``model.so``, no ONNX graph)."""
+        return (self.manifest.get("export") or {}).get("format", "onnx")
+
+    @property
     def task(self) -> str:
         return self.manifest.get("task", "causal-lm")
 

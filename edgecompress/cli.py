@@ -27,7 +27,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     from edgecompress.runtimes import RUNTIMES
 
     p.add_argument("--runtime", default="ort-cpu", choices=list(RUNTIMES),
-                   help="runtime that runs the artifact (default ort-cpu)")
+                   help="runtime that runs the artifact (default ort-cpu; tvm-cpu runs a TVM artifact, or "
+                   "compiles an ONNX one for this CPU on first use and caches it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-judge", action="store_true", help="skip the MiniLM sentiment judge")
     p.add_argument("--json", action="store_true", help="print one JSON object (with every answer) on stdout")
     _add_threads(p, None)
+
+    p = sub.add_parser("export", help="compile an ONNX causal-LM artifact into a TVM artifact (model.so + params)")
+    p.add_argument("artifact", type=Path, help="ONNX artifact folder (holds manifest.json)")
+    p.add_argument("--to", required=True, choices=["tvm"], help="format to compile to")
+    p.add_argument("--target", default="llvm", help="llvm (this machine's CPU, the default) or 'llvm -mcpu=NAME'")
+    p.add_argument("-o", "--out", type=Path, default=None, help="artifact folder to write (default: ARTIFACT-tvm)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the new manifest's tvm section as JSON")
 
     p = sub.add_parser("models", help="the bundled models and where they come from")
     p.add_argument("--json", action="store_true")
@@ -217,6 +226,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pydantic import ValidationError
+
+    from .artifact import Artifact, atomic_folder
+    from .pipeline import compile_tvm
+    from .recipe import ExportSpec
+
+    try:
+        spec = ExportSpec.model_validate({"format": args.to, "target": args.target})
+    except ValidationError as e:
+        raise EdgeCompressError(f"--target {args.target!r}: {e.errors()[0]['msg']}",
+                                hint="--target llvm (this machine's CPU) or --target 'llvm -mcpu=NAME'") from None
+    art = Artifact.load(args.artifact)
+    dest = args.out or args.artifact.parent / f"{args.artifact.name}-tvm"
+    with atomic_folder(dest, force=args.force) as tmp:
+        manifest = compile_tvm(art, tmp, spec, source=str(art.path))
+    info = manifest["tvm"]
+    if args.json:
+        _print_json({"artifact": str(dest), **info})
+    else:
+        console.print(f"wrote {dest} (TVM {info['tvm_version']}, {info['mcpu']}, compiled in "
+                      f"{info['import_seconds'] + info['compile_seconds']:.1f} s); run it with --runtime tvm-cpu")
+    return 0
+
+
 def _steer_eval_prompts(art, given: str | None) -> str:
     if given:
         return given
@@ -299,7 +333,7 @@ def cmd_explain(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "check": cmd_check, "bench": cmd_bench, "generate": cmd_generate,
-            "steer-eval": cmd_steer_eval, "models": cmd_models, "explain": cmd_explain}
+            "export": cmd_export, "steer-eval": cmd_steer_eval, "models": cmd_models, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

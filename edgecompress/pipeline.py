@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from edgecompress.compress.quant.modules import QuantLinear
 from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
 from edgecompress.compress.quant.sequential import apply_awq, apply_gptq
 
-from .artifact import Artifact, atomic_folder, update_manifest, write_manifest
+from .artifact import MANIFEST, Artifact, atomic_folder, update_manifest, write_manifest
 from .bench import bench_in_subprocess, peak_rss_mb
 from .check import apply_thresholds, evaluate
 from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_prompts, load_text, sentence_batches,
@@ -254,6 +255,19 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
     from edgecompress.export.npu import export_npu_encoder
     from edgecompress.export.onnx_export import export_causal_lm, export_sentence_encoder
 
+    if spec.format == "tvm":  # the ONNX decoder first (a hidden sibling folder), then compiled
+        if loaded.task != "causal-lm":
+            raise EdgeCompressError(f"format tvm compiles causal-LM decoders, not {loaded.task} models",
+                                    hint="export this model with format onnx")
+        onnx_dir = dest.parent / f".{dest.name}.onnx"
+        try:
+            export_target(model, loaded, onnx_dir, spec.model_copy(update={"format": "onnx", "target": "cpu",
+                                                                           "mcpu": None}),
+                          manifest, progress=progress)
+            console.log(f"compiling {spec.name} with TVM for {spec.mcpu or 'this CPU'}")
+            return compile_tvm(Artifact.load(onnx_dir, verify=False), dest, spec, source=None)
+        finally:
+            shutil.rmtree(onnx_dir, ignore_errors=True)
     npu = spec.target == "npu-qnn"
     if npu and loaded.task != "sentence-encoder":
         raise EdgeCompressError(f"the npu-qnn target exports sentence encoders in this release, not {loaded.task}",
@@ -275,6 +289,35 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
                                           progress=advance)
     loaded.save_hf_files(dest, model=model)
     return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
+
+
+# manifest keys that describe one export, not the model: not carried over to a compiled artifact
+_EXPORT_KEYS = ("manifest_version", "created", "environment", "files", "size_bytes", "onnx", "export",
+                "reference_metrics")
+
+
+def compile_tvm(src: Artifact, dest: Path, spec: ExportSpec, *, source: str | None) -> dict[str, Any]:
+    """Compile the ONNX causal-LM artifact ``src`` into the TVM artifact folder ``dest``: ``model.so``,
+    ``params.safetensors``, ``src``'s tokenizer/config files and a manifest (``src``'s model, recipe,
+    steps and weights; ``onnx_source``: the compiled graph's ops; ``tvm``: TVM version, target, CPU,
+    compile seconds). ``source``: the ONNX artifact's path to record (None: a recipe's own export)."""
+    from edgecompress.export.tvm import build_decoder
+
+    if src.format != "onnx" or src.task != "causal-lm":
+        raise EdgeCompressError(f"{src.path} is a {src.format} {src.task} artifact; --to tvm compiles ONNX "
+                                "causal-LM decoders", hint="pass an artifact written by an onnx export of an LLM")
+    onnx_info = src.manifest.get("onnx") or {}
+    skip = {MANIFEST, src.onnx_path.name, onnx_info.get("external_data") or "", "report.json"}
+    dest.mkdir(parents=True, exist_ok=True)
+    info = build_decoder(src.onnx_path, dest, mcpu=spec.mcpu)
+    info["source"] = {"artifact": source, "onnx_sha256": (src.manifest.get("files", {}).get(src.onnx_path.name)
+                                                          or {}).get("sha256")}
+    for p in sorted(src.path.iterdir()):
+        if p.is_file() and p.name not in skip:
+            shutil.copy2(p, dest / p.name)
+    kept = {k: v for k, v in src.manifest.items() if k not in _EXPORT_KEYS}
+    return write_manifest(dest, {**kept, "export": spec.model_dump(mode="json"), "tvm": info,
+                                 "onnx_source": {k: onnx_info.get(k) for k in ("opset", "op_counts", "inputs")}})
 
 
 def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, progress: bool = True,
@@ -334,7 +377,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
             m = export_target(src, loaded, tmp / spec.name, spec, manifest, progress=progress,
                               calibration=windows if loaded.task == "sentence-encoder" else None)
             report["exports"][spec.name] = {"size_mb": m["size_bytes"] / 1e6, **m["weights"],
-                                            "op_counts": m["onnx"]["op_counts"], "reference": spec.reference}
+                                            "op_counts": (m.get("onnx") or m["onnx_source"])["op_counts"], "reference": spec.reference}
         timings["export_s"] = time.perf_counter() - t
 
         if recipe.check is not None:

@@ -186,8 +186,8 @@ GroupSize = Annotated[
     BeforeValidator(lambda v: None if (type(v) is int and v == 0) else v),
 ]
 ScaleDtype = _choice("float16", "float32")
-ExportFormat = _choice("onnx")
-ExportTarget = _choice("cpu", "npu-qnn")
+ExportFormat = _choice("onnx", "tvm")
+ExportTarget = _choice("cpu", "npu-qnn", "llvm")
 NpuActivations = _choice("uint16", "uint8")
 AccuracyLevel = _choice(0, 1, 2, 3, 4)
 Runtime = _choice(*RUNTIMES)  # the runtime registry is the one list of names
@@ -753,7 +753,8 @@ class ExportSpec(BaseModel):
 
     model_config = _FROZEN
 
-    format: ExportFormat = Field("onnx", description="Export format: onnx.")
+    format: ExportFormat = Field("onnx", description="Export format: onnx, or tvm (the ONNX decoder compiled by "
+                                 "TVM into model.so + params.safetensors; causal LMs; runs on --runtime tvm-cpu).")
     name: Slug | None = Field(
         None,
         description="Sub-folder name of this target, unique within the recipe; default: format + index (onnx0, onnx1, ...).",
@@ -761,7 +762,13 @@ class ExportSpec(BaseModel):
     target: ExportTarget = Field(
         "cpu",
         description="Hardware the export is built for: cpu, or npu-qnn (Qualcomm HTP through onnxruntime-qnn: "
-        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders).",
+        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders); "
+        "format tvm: llvm (the default; TVM's old string form 'llvm -mcpu=NAME' is translated).",
+    )
+    mcpu: StrictStr | None = Field(
+        None, min_length=1,
+        description="target llvm: the LLVM CPU name to compile for (default: this machine's, e.g. znver3); "
+        "the tvm-cpu runtime refuses a library compiled for another CPU.",
     )
     static_shapes: dict[str, StrictInt] | None = Field(
         None,
@@ -782,6 +789,42 @@ class ExportSpec(BaseModel):
         False,
         description="Export the UNCOMPRESSED model instead (the steps are not applied), for side-by-side runs.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tvm_target(cls, data: Any) -> Any:
+        """format tvm: target defaults to llvm; TVM's old CLI string 'llvm -mcpu=NAME' -> llvm + mcpu."""
+        if not isinstance(data, dict) or data.get("format") != "tvm":
+            return data
+        target = data.get("target", "llvm")
+        if isinstance(target, str) and target.split()[:1] == ["llvm"] and len(target.split()) > 1:
+            flags = dict(f.partition("=")[::2] for f in target.split()[1:])
+            other = sorted(k for k in flags if k != "-mcpu")
+            if other or not flags.get("-mcpu"):
+                raise _located_error(
+                    ("target",), target, "tvm_target",
+                    "{value} is TVM's old target string, which TVM 0.27 rejects; only -mcpu=NAME is translated "
+                    "(write target: llvm and mcpu: NAME){other}",
+                    {"value": _show(target), "other": f"; not supported: {', '.join(other)}" if other else ""})
+            if data.get("mcpu") not in (None, flags["-mcpu"]):
+                raise _located_error(("mcpu",), data["mcpu"], "tvm_target",
+                                     "mcpu {value} contradicts the target string {target}",
+                                     {"value": _show(data["mcpu"]), "target": _show(target)})
+            return {**data, "target": "llvm", "mcpu": flags["-mcpu"]}
+        return {**data, "target": target}
+
+    @model_validator(mode="after")
+    def _format_fits_target(self) -> ExportSpec:
+        if (self.format == "tvm") != (self.target == "llvm"):
+            raise _located_error(
+                ("target",), self.target, "tvm_target",
+                "format {format} cannot target {value}: format tvm targets llvm (a CPU); onnx targets cpu or npu-qnn",
+                {"format": self.format, "value": _show(self.target)})
+        if self.mcpu is not None and self.target != "llvm":
+            raise _located_error(("mcpu",), self.mcpu, "tvm_target",
+                                 "mcpu is for target llvm (format tvm); this export's target is {target}",
+                                 {"target": self.target})
+        return self
 
     @model_validator(mode="after")
     def _npu_needs_static_shapes(self) -> ExportSpec:

@@ -5,8 +5,8 @@ decoder export writes. This module supplies a converter for each one the toolkit
 
 * ``MatMulNBits`` and ``GatherBlockQuantized`` -> the packed-weight kernels of
   :mod:`.tvm_kernels` (weights stay 4/8-bit in memory; dequantized in the inner loop);
-* ``GroupQueryAttention`` -> rotary embedding, KV-cache concatenation and two scheduled
-  attention kernels (grouped heads read their shared KV head; no ``repeat``);
+* ``GroupQueryAttention`` -> rotary embedding, an in-place append to the KV cache and two
+  scheduled attention kernels (grouped heads read their shared KV head; no ``repeat``);
 * ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` -> ``rms_norm``.
 
 ``edgecompress::`` custom ops are inlined to their ONNX function bodies before import (their
@@ -14,9 +14,13 @@ weights are then decompressed once, at compile time: they have no native TVM ker
 manifest lists them under ``tvm.function_body_ops``). Any other operator the importer lacks is
 an error naming the node, before any compilation.
 
-The library's ``main`` returns logits for every position (``logits_to_keep`` is fixed to 0) and
-the present KV cache. The parameters (initializers) are trailing inputs of ``main``, stored in
-``params.safetensors`` beside the library and bound once at load time.
+The library's calling convention (:data:`INTERFACE`) differs from the ONNX graph's: ``main(input_ids,
+*kv_cache_views, *params)`` returns the logits of every position (``logits_to_keep`` is fixed to
+0); each cache view is the first ``T = past + new`` rows of a runtime-owned position-major buffer
+``[positions, kv_heads, head_dim]``, and the new rows are written into it in place (no present
+outputs, no per-token copies of the cache, no attention mask: one unpadded sequence). The
+parameters (initializers) are trailing inputs of ``main``, stored in ``params.safetensors``
+beside the library and bound once at load time.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ from edgecompress.errors import EdgeCompressError
 from .npu import fold_constants
 
 log = logging.getLogger(__name__)
+
+LIBRARY, PARAMS = "model.so", "params.safetensors"
+# The library's calling convention; the runtime refuses a library with another one.
+INTERFACE = ("relax-vm/main and decode (one token)(input_ids [1, S], *kv_cache_views [T, kv_heads, head_dim], "
+             "*params) -> logits; v3")
 
 def _relax():
     import tvm
@@ -102,11 +111,9 @@ class _Converters:
 
     @staticmethod
     def simplified_layer_norm(bb, inputs, attr, params):
-        from tvm import relax
-
         if int(attr.get("axis", -1)) != -1:
             raise NotImplementedError("SimplifiedLayerNormalization over an axis other than the last")
-        return relax.op.nn.rms_norm(inputs[0], inputs[1], axes=[-1], epsilon=float(attr.get("epsilon", 1e-5)))
+        return _rms_norm(bb, inputs[0], inputs[1], float(attr.get("epsilon", 1e-5)))
 
     @staticmethod
     def skip_simplified_layer_norm(bb, inputs, attr, params):
@@ -115,15 +122,18 @@ class _Converters:
         total = bb.emit(relax.op.add(inputs[0], inputs[1]))
         if len(inputs) > 3 and inputs[3] is not None:
             total = bb.emit(relax.op.add(total, inputs[3]))
-        y = relax.op.nn.rms_norm(total, inputs[2], axes=[-1], epsilon=float(attr.get("epsilon", 1e-5)))
+        y = _rms_norm(bb, total, inputs[2], float(attr.get("epsilon", 1e-5)))
         empty = relax.const(0.0, "float32")
         return relax.Tuple([bb.emit(y), empty, empty, total])
 
     @staticmethod
     def group_query_attention(bb, inputs, attr, params):
-        """GroupQueryAttention for one unpadded sequence per batch row: positions ``P .. P+S-1``
-        where ``P`` is the past length (the runtimes feed full-width masks; ``seqlens_k`` and
-        ``total_sequence_length`` are implied by the shapes)."""
+        """GroupQueryAttention for one unpadded sequence (batch 1) over an in-place KV cache.
+
+        ``past_key``/``past_value`` are views ``[T, kv_heads, head_dim]`` (position-major) of
+        the runtime's cache buffers, ``T = P + S``: the ``S`` new keys and values are written at
+        rows ``P .. T-1`` in place (:func:`.tvm_kernels.kv_append`) and attention reads all
+        ``T`` rows; ``seqlens_k`` and ``total_sequence_length`` are implied by the shapes."""
         from tvm import relax
 
         from . import tvm_kernels as kern
@@ -136,8 +146,9 @@ class _Converters:
         q_in, k_in, v_in, past_k, past_v = inputs[:5]
         cos, sin = (inputs[7], inputs[8]) if int(attr.get("do_rotary", 0)) else (None, None)
         batch, seq = _shape(q_in)[:2]
-        d = int(_shape(past_k)[3])
-        past = _shape(past_k)[2]
+        total = _shape(past_k)[0]
+        d = int(_shape(past_k)[2])
+        past = total - seq
         if k_in is None:  # packed QKV
             q = bb.emit(op.strided_slice(q_in, axes=[2], begin=[0], end=[heads * d]))
             k = bb.emit(op.strided_slice(q_in, axes=[2], begin=[heads * d], end=[(heads + kv) * d]))
@@ -145,29 +156,33 @@ class _Converters:
         else:
             q, k, v = q_in, k_in, v_in
         q = bb.emit(op.reshape(q, [batch, seq, heads, d]))
-        k = bb.emit(op.reshape(k, [batch, seq, kv, d]))
-        v = bb.emit(op.reshape(v, [batch, seq, kv, d]))
+        k = bb.emit(op.reshape(k, [seq, kv, d]))
+        v = bb.emit(op.reshape(v, [seq, kv, d]))
         if cos is not None:
-            pos = bb.emit(op.arange(past, past + seq, 1, "int64"))
-            c = bb.emit(op.reshape(op.take(cos, pos, axis=0), [1, seq, 1, d // 2]))
-            s = bb.emit(op.reshape(op.take(sin, pos, axis=0), [1, seq, 1, d // 2]))
+            pos = bb.emit(op.arange(past, total, 1, "int64"))
+            # positions past the cache are refused by the runtime (max_positions in the manifest)
+            c = bb.emit(op.take(cos, pos, axis=0, mode="clip"))
+            s = bb.emit(op.take(sin, pos, axis=0, mode="clip"))
 
-            def rotate(x):
+            def rotate(x, shape):
                 x1 = bb.emit(op.strided_slice(x, axes=[3], begin=[0], end=[d // 2]))
                 x2 = bb.emit(op.strided_slice(x, axes=[3], begin=[d // 2], end=[d]))
-                return bb.emit(op.concat([op.subtract(op.multiply(x1, c), op.multiply(x2, s)),
-                                          op.add(op.multiply(x2, c), op.multiply(x1, s))], axis=3))
-            q, k = rotate(q), rotate(k)
-        present_k = bb.emit(op.concat([past_k, op.permute_dims(k, [0, 2, 1, 3])], axis=2))
-        present_v = bb.emit(op.concat([past_v, op.permute_dims(v, [0, 2, 1, 3])], axis=2))
+                return bb.emit(op.reshape(op.concat([op.subtract(op.multiply(x1, c4), op.multiply(x2, s4)),
+                                                     op.add(op.multiply(x2, c4), op.multiply(x1, s4))], axis=3),
+                                          shape))
+            c4 = bb.emit(op.reshape(c, [1, seq, 1, d // 2]))
+            s4 = bb.emit(op.reshape(s, [1, seq, 1, d // 2]))
+            q = rotate(q, [batch, seq, heads, d])
+            k = rotate(bb.emit(op.reshape(k, [1, seq, kv, d])), [seq, kv, d])
+        append = bb.add_func(kern.kv_append(kv, d), f"kv_append_kv{kv}_d{d}")
+        cache = relax.TensorType([total, kv, d], "float32")
+        kc = bb.emit(relax.call_tir_inplace(append, [past_k, k], [0], cache))
+        vc = bb.emit(relax.call_tir_inplace(append, [past_v, v], [0], cache))
         group = heads // kv
-        total = past + seq
         scale = float(attr.get("scale", 0.0)) or 1.0 / math.sqrt(d)
         # one batch row: q [S, H, D] -> [KV, group * S, D] (grouped heads share their KV head)
         qg = bb.emit(op.reshape(op.permute_dims(op.reshape(q, [seq, kv, group, d]), [1, 2, 0, 3]),
                                 [kv, group * seq, d]))
-        kc = bb.emit(op.reshape(present_k, [kv, total, d]))
-        vc = bb.emit(op.reshape(present_v, [kv, total, d]))
         scores_fn = bb.add_func(kern.attention_scores(kv, group, d, scale), f"attention_scores_kv{kv}_g{group}_d{d}")
         values_fn = bb.add_func(kern.attention_values(kv, d), f"attention_values_kv{kv}_d{d}")
         scores = bb.emit(relax.call_tir(scores_fn, [qg, kc], relax.TensorType([kv, group * seq, total], "float32")))
@@ -175,7 +190,24 @@ class _Converters:
         out = bb.emit(relax.call_tir(values_fn, [probs, vc], relax.TensorType([kv, group * seq, d], "float32")))
         out = bb.emit(op.reshape(op.permute_dims(op.reshape(out, [kv, group, seq, d]), [2, 0, 1, 3]),
                                  [batch, seq, heads * d]))
-        return relax.Tuple([out, present_k, present_v])
+        return relax.Tuple([out, kc, vc])
+
+
+def _rms_norm(bb, x, weight, epsilon: float):
+    """RMS norm over the last axis through :func:`.tvm_kernels.rms_norm` (rows flattened)."""
+    from tvm import relax
+
+    from . import tvm_kernels as kern
+
+    shape = _shape(x)
+    hidden = int(shape[-1])
+    rows = 1
+    for d in shape[:-1]:
+        rows = rows * d
+    x2 = bb.emit(relax.op.reshape(x, [rows, hidden]))
+    gv = bb.add_func(kern.rms_norm(hidden, epsilon), f"rms_norm_h{hidden}")
+    y = bb.emit(relax.call_tir(gv, [x2, weight], relax.TensorType([rows, hidden], "float32")))
+    return relax.op.reshape(y, shape)
 
 
 def _converter(fn):
@@ -235,7 +267,43 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int) -> tuple[onnx.ModelP
         keep = [i for i in g.input if i.name != "logits_to_keep"]
         del g.input[:]
         g.input.extend(keep)
-    return fold_constants(model), custom
+    return _inplace_kv_interface(fold_constants(model)), custom
+
+
+def _inplace_kv_interface(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The library's calling convention (:data:`INTERFACE`): each ``past_key_values.*`` input is
+    a position-major cache view ``[total_sequence_length, kv_heads, head_dim]`` that attention
+    appends to in place; ``logits`` is the only output; the attention mask (whose only use was
+    the sequence lengths GroupQueryAttention takes from the shapes here) is pruned."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    for n in g.node:
+        if n.op_type == "GroupQueryAttention":
+            for i in (5, 6):  # seqlens_k, total_sequence_length
+                n.input[i] = ""
+    layout = kv_layout(model)
+    for i in g.input:
+        if i.name.startswith("past_key_values."):
+            i.CopyFrom(helper.make_tensor_value_info(i.name, TensorProto.FLOAT, ["total_sequence_length",
+                                                                                 layout["kv_heads"],
+                                                                                 layout["head_dim"]]))
+    outputs = [o for o in g.output if o.name == "logits"]
+    del g.output[:]
+    g.output.extend(outputs)
+    needed = {o.name for o in g.output}
+    kept = []
+    for n in reversed(g.node):  # dead-node elimination
+        if any(o in needed for o in n.output):
+            kept.append(n)
+            needed.update(x for x in n.input if x)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    for field in (g.input, g.initializer):
+        alive = [x for x in field if x.name in needed]
+        del field[:]
+        field.extend(alive)
+    return model
 
 
 def import_relax(model: onnx.ModelProto):
@@ -254,7 +322,34 @@ def import_relax(model: onnx.ModelProto):
         warnings.simplefilter("ignore")  # the checker's complaints about contrib ops; unknown dims
         mod = from_onnx(model, keep_params_in_input=True)
     mod, params = relax.frontend.detach_params(mod)
-    return mod, [p.numpy() if hasattr(p, "numpy") else np.asarray(p) for p in params["main"]]
+    return _specialize(mod), [p.numpy() if hasattr(p, "numpy") else np.asarray(p) for p in params["main"]]
+
+
+def _specialize(mod):
+    """``main`` for batch 1 (the only batch the converters support) and ``decode``, the same
+    function for one new token: static shapes save the VM most of its per-call shape work."""
+    from tvm.relax.utils import copy_with_new_vars
+
+    main = mod["main"]
+    mod["main"] = _bind(main, {"batch_size": 1})
+    decode = _bind(copy_with_new_vars(main), {"batch_size": 1, "sequence_length": 1})
+    mod["decode"] = decode.with_attr("global_symbol", "decode")
+    return mod
+
+
+def _bind(func, values: dict[str, int]):
+    """``func`` with its symbolic shape variables named in ``values`` fixed."""
+    by_name = {v.name: v for p in func.params for v in _sym_vars(p)}
+    bound = {by_name[k]: v for k, v in values.items() if k in by_name}
+    return func.bind_symbolic_vars(bound) if bound else func
+
+
+def _sym_vars(param) -> list:
+    from tvm import tirx
+
+    shape = getattr(param.ty, "shape", None)
+    values = getattr(shape, "values", None) or []
+    return [d for d in values if isinstance(d, tirx.Var)]
 
 
 def compile_library(mod, target):
@@ -276,26 +371,51 @@ def compile_library(mod, target):
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
-def build_decoder(onnx_path: Path, dest: Path, *, target=None, threads: int | None = None) -> dict[str, Any]:
+def kv_layout(model: onnx.ModelProto) -> dict[str, int]:
+    """Layers, KV heads and head size of a decoder, from its ``past_key_values.*`` inputs."""
+    past = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
+    if not past:
+        raise EdgeCompressError("the TVM target compiles KV-cache decoders; this graph has no past_key_values inputs",
+                                hint="export a causal LM (the sentence encoders run on --runtime ort-cpu)")
+    dims = past[0].type.tensor_type.shape.dim
+    return {"layers": len(past) // 2, "kv_heads": int(dims[1].dim_value), "head_dim": int(dims[3].dim_value)}
+
+
+def _max_positions(model: onnx.ModelProto) -> int | None:
+    """Rows of the (folded) rotary cache: the longest sequence the decoder can run."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "GroupQueryAttention" and len(n.input) > 7 and n.input[7] in inits:
+            return int(inits[n.input[7]].dims[0])
+    return None
+
+
+def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None = None,
+                  threads: int | None = None) -> dict[str, Any]:
     """Compile the KV-cache decoder at ``onnx_path`` into ``dest`` (``model.so`` +
-    ``params.safetensors``); returns the manifest's ``tvm`` section."""
-    import tvm
+    ``params.safetensors``) for ``target`` (default: LLVM for ``mcpu``, default this machine's
+    CPU); returns the manifest's ``tvm`` section: what the library needs to load (TVM version,
+    triple, CPU, calling convention) and what compiling it cost."""
     from safetensors.numpy import save_file
 
     from . import tvm_kernels as kern
 
-    target = target or kern.target_llvm(threads=threads)
+    target = target or kern.target_llvm(mcpu, threads=threads)
     model = onnx.load(str(onnx_path))
+    layout = kv_layout(model)
     t0 = time.perf_counter()
     prepared, custom = prepare(model, logits_to_keep=0)
+    layout["max_positions"] = _max_positions(prepared)
     mod, params = import_relax(prepared)
     import_s = time.perf_counter() - t0
     lib = compile_library(mod, target)
-    compile_s = time.perf_counter() - t0 - import_s
     dest.mkdir(parents=True, exist_ok=True)
-    lib.export_library(str(dest / "model.so"))
-    save_file({f"p{i:04d}": np.ascontiguousarray(a) for i, a in enumerate(params)}, str(dest / "params.safetensors"))
-    return {"tvm_version": tvm.__version__, "target": str(target.export()) if hasattr(target, "export") else str(target),
-            "mcpu": str(target.attrs.get("mcpu", "")), "params": len(params),
-            "function_body_ops": custom, "import_seconds": round(import_s, 1),
-            "compile_seconds": round(compile_s, 1)}
+    lib.export_library(str(dest / LIBRARY))
+    compile_s = time.perf_counter() - t0 - import_s  # LLVM code generation and linking
+    save_file({f"p{i:04d}": np.ascontiguousarray(a) for i, a in enumerate(params)}, str(dest / PARAMS))
+    host = kern.host()
+    return {"interface": INTERFACE, "library": LIBRARY, "params_file": PARAMS, "tvm_version": host["tvm_version"],
+            "target": {k: (list(v) if k == "keys" else str(v)) for k, v in target.export().items() if k != "tag"},
+            "triple": str(target.attrs.get("mtriple") or host["triple"]),
+            "mcpu": str(target.attrs.get("mcpu") or host["mcpu"]), "kv_cache": layout, "params": len(params),
+            "function_body_ops": custom, "import_seconds": round(import_s, 1), "compile_seconds": round(compile_s, 1)}

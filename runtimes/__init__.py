@@ -13,7 +13,10 @@ RUNTIMES = {
                 "sentence-encoder": "edgecompress.runtimes.ort_cpu:OrtCpuEncoder"},
     "qnn-htp": {"sentence-encoder": "edgecompress.runtimes.qnn_htp:QnnHtpEncoder"},
     "torch": {"causal-lm": "edgecompress.runtimes.torch_ref:TorchRuntime"},
+    "tvm-cpu": {"causal-lm": "edgecompress.runtimes.tvm_cpu:TvmCpuRuntime"},
 }
+# runtimes that run a compiled artifact of a format other than ONNX
+NATIVE = {"tvm": ("tvm-cpu",)}
 
 
 def open_runtime(name: str, artifact: Artifact, *, threads: int | None = None) -> Runtime | EncoderRuntime:
@@ -27,6 +30,10 @@ def open_runtime(name: str, artifact: Artifact, *, threads: int | None = None) -
         able = [n for n, tasks in RUNTIMES.items() if artifact.task in tasks]
         raise EdgeCompressError(f"runtime {name} does not run {artifact.task} artifacts ({', '.join(by_task)} only)",
                                 hint=f"use runtime {' or '.join(able)}" if able else "")
+    if artifact.format != "onnx" and name not in NATIVE.get(artifact.format, ()):
+        raise EdgeCompressError(f"{artifact.path} is a compiled {artifact.format} artifact; runtime {name} runs "
+                                "ONNX artifacts", hint=f"use --runtime {' or '.join(NATIVE.get(artifact.format, ()))}"
+                                " (or run the ONNX artifact it was compiled from)")
     module, cls = by_task[artifact.task].split(":")
     return getattr(importlib.import_module(module), cls)(artifact, threads=threads)
 

@@ -304,7 +304,7 @@ def test_multiple_errors_in_one_recipe_error_sorted_by_line():
         "embeddings, group_size, ignore, method, preset, scale_dtype, symmetric, targets (did you mean 'bits'?)",
         "x.yaml line 9: steps[0].quantize.bits: 5 is not one of 3, 4, 8",
         f"x.yaml line 10: steps[1].shrink: unknown step type; valid step types: {', '.join(sorted(STEP_TYPES))}",
-        "x.yaml line 12: export[0].format: 'tflite' is not one of 'onnx'",
+        "x.yaml line 12: export[0].format: 'tflite' is not one of 'onnx', 'tvm'",
         "x.yaml line 14: bench.threads: must be >= 1, got 0",
     ]
     assert "hint:" in msg

@@ -82,18 +82,40 @@ def test_attention_kernels_match_numpy(seq, past):
     kv, group, d = 2, 3, 16
     total = past + seq
     q = rng.standard_normal((kv, group * seq, d)).astype(np.float32)
-    kc = rng.standard_normal((kv, total, d)).astype(np.float32)
-    vc = rng.standard_normal((kv, total, d)).astype(np.float32)
+    kc = rng.standard_normal((total, kv, d)).astype(np.float32)  # position-major cache
+    vc = rng.standard_normal((total, kv, d)).astype(np.float32)
     scale = 0.25
     scores = _run(kern.attention_scores(kv, group, d, scale), [q, kc, np.zeros((kv, group * seq, total), np.float32)])
-    ref = np.einsum("hrd,htd->hrt", q, kc) * scale
+    ref = np.einsum("hrd,thd->hrt", q, kc) * scale
     rows = np.arange(group * seq) % seq + past
     allowed = np.arange(total)[None, :] <= rows[:, None]
     np.testing.assert_allclose(np.where(allowed, scores, 0), np.where(allowed, ref, 0), rtol=1e-5, atol=1e-5)
     assert (scores[:, ~allowed] < -1e37).all()
     p = rng.random((kv, group * seq, total)).astype(np.float32)
     out = _run(kern.attention_values(kv, d), [p, vc, np.zeros((kv, group * seq, d), np.float32)])
-    np.testing.assert_allclose(out, np.einsum("hrt,htd->hrd", p, vc), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, np.einsum("hrt,thd->hrd", p, vc), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (3, 40), (2, 37)])  # SmolLM2's width; odd widths
+def test_rms_norm_kernel_matches_numpy(rows, hidden):
+    rng = np.random.default_rng(hidden)
+    x = rng.standard_normal((rows, hidden)).astype(np.float32) * 3
+    w = rng.standard_normal(hidden).astype(np.float32)
+    y = _run(kern.rms_norm(hidden, 1e-5), [x, w, np.zeros_like(x)])
+    ref = x * w / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq,total", [(1, 1), (1, 7), (3, 3), (4, 9)])
+def test_kv_append_writes_the_last_rows_in_place(seq, total):
+    func = kern.kv_append(3, 8).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=kern.target_llvm(threads=2))
+    buf = tvm.runtime.tensor(np.full((total + 2, 3, 8), -1, np.float32), tvm.cpu())  # capacity beyond the view
+    new = np.random.default_rng(seq).standard_normal((seq, 3, 8)).astype(np.float32)
+    lib["main"](buf._create_view((total, 3, 8)), tvm.runtime.tensor(new, tvm.cpu()))
+    ref = np.full((total + 2, 3, 8), -1, np.float32)
+    ref[total - seq:total] = new
+    np.testing.assert_array_equal(buf.numpy(), ref)
 
 
 @pytest.fixture(scope="module")
@@ -124,31 +146,34 @@ def _ort_decoder(path, accuracy_level=None):
 
 
 def _compare(artifact, tmp_path, accuracy_level, tol):
+    """Prefill then two decode steps through the library's in-place cache views, against ORT's
+    logits and present KV cache (ORT's [1, kv, T, d] vs the library's position-major rows)."""
     from safetensors.numpy import load_file
     from tvm import relax
 
-    tvm_export.build_decoder(artifact / "model.onnx", tmp_path / "lib", threads=2)
+    info = tvm_export.build_decoder(artifact / "model.onnx", tmp_path / "lib", threads=2)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "lib" / "model.so")), tvm.cpu())
     stored = load_file(str(tmp_path / "lib" / "params.safetensors"))
     params = [tvm.runtime.tensor(stored[k], tvm.cpu()) for k in sorted(stored)]
     sess = _ort_decoder(artifact, accuracy_level)
     pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    kv = info["kv_cache"]
     ids = np.random.default_rng(0).integers(0, 256, (1, 12)).astype(np.int64)
     cache = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in pasts}
-    tvm_cache = list(cache.values())
+    buffers = [tvm.runtime.tensor(np.zeros((20, kv["kv_heads"], kv["head_dim"]), np.float32), tvm.cpu())
+               for _ in pasts]
     for step_ids in (ids, np.array([[7]], np.int64), np.array([[11]], np.int64)):  # prefill, two decode steps
         width = cache[pasts[0].name].shape[2] + step_ids.shape[1]
         mask = np.ones((1, width), np.int64)
         ref = sess.run(None, {"input_ids": step_ids, "attention_mask": mask, **cache})
-        out = vm["main"](*[tvm.runtime.tensor(x, tvm.cpu()) for x in [step_ids, mask] + tvm_cache], *params)
-        logits = out[0].numpy()
+        views = [b._create_view((width, kv["kv_heads"], kv["head_dim"])) for b in buffers]
+        logits = vm["main"](tvm.runtime.tensor(step_ids, tvm.cpu()), *views, *params).numpy()
         assert logits.shape == ref[0].shape
         np.testing.assert_allclose(logits, ref[0], atol=tol * np.abs(ref[0]).max())
         assert (logits.argmax(-1) == ref[0].argmax(-1)).all()
         cache = {p.name: r for p, r in zip(pasts, ref[1:])}
-        tvm_cache = list(out)[1:]
-        for t, r in zip(tvm_cache, ref[1:]):
-            np.testing.assert_allclose(t.numpy(), r, atol=1e-4)
+        for b, r in zip(buffers, ref[1:]):
+            np.testing.assert_allclose(b.numpy()[:width].transpose(1, 0, 2)[None], r, atol=1e-4)
 
 
 def test_fp32_decoder_on_tvm_equals_ort(tiny_artifacts, tmp_path):
