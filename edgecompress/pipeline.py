@@ -35,8 +35,8 @@ from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_p
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
-                     SparsifyStep, SteerStep, recipe_to_dict)
+from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, PruneLayersStep, QuantizeStep,
+                     Recipe, SmoothQuantStep, SparsifyStep, SteerStep, recipe_to_dict)
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,20 @@ def _apply_act_sparsify(model: nn.Module, step: ActSparsifyStep, ctx: StepContex
     return apply_act_sparsify(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
 
 
+def _apply_prune_layers(model: nn.Module, step: PruneLayersStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.prune.apply import PruneLayersConfig, apply_prune_layers
+
+    cfg = PruneLayersConfig(method=step.method, granularity=step.granularity, fraction=step.fraction,
+                            count=step.count, divergence=step.divergence, keep=tuple(step.keep),
+                            remove=tuple(step.remove), windows=step.windows, rescore=step.rescore, stride=step.stride)
+    records = apply_prune_layers(model, ctx.windows, cfg, progress=ctx.progress)
+    summary = records[0]["prune_layers"]
+    console.log(f"prune_layers {step.method}: removed {', '.join(r['module'] for r in records[1:]) or 'nothing'} "
+                f"({summary['params_removed'] / 1e6:.2f}M parameters; {summary['layers_after']} of "
+                f"{summary['layers_before']} layers left)")
+    return records
+
+
 STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = {
     "quantize": _apply_quantize,
     "awq": _apply_awq,
@@ -187,6 +201,7 @@ STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = 
     "sparsify": _apply_sparsify,
     "lowrank": _apply_lowrank,
     "sparsify_activations": _apply_act_sparsify,
+    "prune_layers": _apply_prune_layers,
 }
 
 
