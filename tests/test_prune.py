@@ -300,3 +300,27 @@ def test_recipe_prunes_quantizes_exports_and_checks(tmp_path):
     ids = np.arange(5, 35, dtype=np.int64)
     np.testing.assert_allclose(open_runtime("ort-cpu", art).logits(ids), open_runtime("torch", art).logits(ids),
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("after", [
+    "- awq: {bits: 4, group_size: 32}\n  - quantize: {method: rtn, bits: 4, group_size: 32, embeddings: false}",
+    "- smoothquant: {alpha: 0.5}\n  - quantize: {preset: w8a8}",
+    "- sparsify_activations: {method: teal, sparsity: 0.3}",
+])
+def test_later_steps_skip_removed_sublayers(tmp_path, after):
+    from edgecompress.pipeline import run_recipe
+    from edgecompress.recipe import parse_recipe
+
+    text = textwrap.dedent("""\
+        name: t
+        model: {source: tiny-llama}
+        calibration: {samples: 4, seq_len: 32}
+        steps:
+          - prune_layers: {method: given, remove: [model.layers.0.self_attn, model.layers.1.mlp]}
+          %s
+        export: [{format: onnx, name: x, accuracy_level: 0}]
+        check: {runtime: ort-cpu, seq_len: 32, windows: 2}
+        """) % after
+    report = run_recipe(parse_recipe(text), tmp_path, progress=False, bench=False)
+    assert report["exports"]["x"]["op_counts"]["com.microsoft::GroupQueryAttention"] == 1
+    assert report["check"]["perplexity_ratio"] < 1.1
