@@ -35,8 +35,8 @@ from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_p
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, PruneLayersStep, QuantizeStep,
-                     Recipe, SmoothQuantStep, SparsifyStep, SteerStep, recipe_to_dict)
+from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, PruneChannelsStep,
+                     PruneLayersStep, QuantizeStep, Recipe, SmoothQuantStep, SparsifyStep, SteerStep, recipe_to_dict)
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,13 @@ def _apply_prune_layers(model: nn.Module, step: PruneLayersStep, ctx: StepContex
     return records
 
 
+def _apply_prune_channels(model: nn.Module, step: PruneChannelsStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.prune.channels import ChannelPruneConfig, apply_prune_channels
+
+    cfg = ChannelPruneConfig(fraction=step.fraction, multiple_of=step.multiple_of)
+    return apply_prune_channels(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
+
+
 STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = {
     "quantize": _apply_quantize,
     "awq": _apply_awq,
@@ -202,6 +209,7 @@ STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = 
     "lowrank": _apply_lowrank,
     "sparsify_activations": _apply_act_sparsify,
     "prune_layers": _apply_prune_layers,
+    "prune_mlp_channels": _apply_prune_channels,
 }
 
 

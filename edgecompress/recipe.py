@@ -62,6 +62,7 @@ __all__ = [
     "CheckSpec",
     "ExportSpec",
     "ModelSpec",
+    "PruneChannelsStep",
     "PruneLayersStep",
     "LowRankStep",
     "QuantizeStep",
@@ -733,6 +734,18 @@ class PruneLayersStep(StepConfig):
         return self
 
 
+class PruneChannelsStep(StepConfig):
+    """MLP channel pruning: each decoder layer keeps the intermediate channels with the largest calibrated
+    importance E[a_j^2] * ||W_down[:, j]||^2 (smaller gate/up/down matrices)."""
+
+    step_type: ClassVar[str] = "prune_mlp_channels"
+
+    fraction: StrictFloat = Field(0.25, ge=0, lt=1, description="Fraction of each layer's intermediate channels "
+                                  "removed (the kept count is rounded to multiple_of).")
+    multiple_of: StrictInt = Field(64, ge=1, description="Kept channels per layer are a multiple of this (64 keeps "
+                                   "down_proj's input size divisible by the quantization blocks).")
+
+
 #: Registered step types: the YAML key of a step item -> its config model.
 STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
@@ -744,6 +757,7 @@ STEP_TYPES: dict[str, type[StepConfig]] = {
     LowRankStep.step_type: LowRankStep,
     ActSparsifyStep.step_type: ActSparsifyStep,
     PruneLayersStep.step_type: PruneLayersStep,
+    PruneChannelsStep.step_type: PruneChannelsStep,
 }
 
 

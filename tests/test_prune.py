@@ -285,6 +285,7 @@ def test_recipe_prunes_quantizes_exports_and_checks(tmp_path):
         calibration: {samples: 4, seq_len: 32}
         steps:
           - prune_layers: {method: greedy, count: 1, divergence: js}
+          - prune_mlp_channels: {fraction: 0.25, multiple_of: 32}
           - quantize: {method: rtn, bits: 4, group_size: 32, embeddings: false}
         export:
           - {format: onnx, name: pruned, accuracy_level: 0}
@@ -292,8 +293,11 @@ def test_recipe_prunes_quantizes_exports_and_checks(tmp_path):
         """)
     report = run_recipe(parse_recipe(text), tmp_path, progress=False)
     art = Artifact.load(tmp_path / "tiny-prune" / "pruned")
-    (step, _) = art.manifest["steps"]
+    (step, channels, _) = art.manifest["steps"]
     summary, removed = step["modules"]
+    assert {r["intermediate_after"] for r in channels["modules"]} == {96}  # of 128
+    sizes = json.loads((art.path / "config.json").read_text())["layer_pruning"]["intermediate_sizes"]
+    assert len(sizes) == 2 and {s for s in sizes if s} == {96}  # 0: a layer whose MLP prune_layers removed
     assert summary["prune_layers"]["removed"] == 1 and removed["score_kind"] == "js after removal"
     ops = report["exports"]["pruned"]["op_counts"]
     assert ops["com.microsoft::MatMulNBits"] == 8 - 2  # 2 layers x (qkv, o, gate_up, down), one sublayer's 2 gone
@@ -324,3 +328,54 @@ def test_later_steps_skip_removed_sublayers(tmp_path, after):
     report = run_recipe(parse_recipe(text), tmp_path, progress=False, bench=False)
     assert report["exports"]["x"]["op_counts"]["com.microsoft::GroupQueryAttention"] == 1
     assert report["check"]["perplexity_ratio"] < 1.1
+
+
+def test_mlp_channel_pruning_equals_zeroed_channels_and_exports(llama6, tmp_path):
+    from edgecompress.artifact import Artifact, write_manifest
+    from edgecompress.compress.prune.channels import ChannelPruneConfig, apply_prune_channels
+    from edgecompress.export.onnx_export import export_causal_lm
+    from edgecompress.models import load_model
+    from edgecompress.runtimes import open_runtime
+
+    ids = calib()
+    acts = {}
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda m, a, i=i: acts.__setitem__(i, a[0].reshape(-1, 128).double())) for i, layer in
+        enumerate(llama6.model.layers)]
+    with torch.no_grad():
+        llama6(ids)
+    for h in hooks:
+        h.remove()
+    pruned = copy.deepcopy(llama6)
+    remove_sublayers(pruned, [4])  # layer 2 has no attention; channel pruning composes with it
+    records = apply_prune_channels(pruned, ids, ChannelPruneConfig(fraction=0.3, multiple_of=16))
+    assert [r["intermediate_after"] for r in records] == [96] * 6  # round(0.7 * 128 / 16) * 16
+    assert pruned.config.layer_pruning["intermediate_sizes"] == [96] * 6
+    # oracle: the unpruned model with the dropped channels zeroed at down_proj's input, chosen by NumPy scores
+    # (layer 2's scores come from the model without its attention, so compare the other layers' choices)
+    for i in (0, 1):
+        w = llama6.model.layers[i].mlp.down_proj.weight.double()
+        score = (acts[i].square().mean(0) * w.detach().square().sum(0)).numpy()
+        keep = np.sort(np.argsort(-score)[:96])
+        np.testing.assert_array_equal(pruned.model.layers[i].mlp.gate_proj.weight.detach().numpy(),
+                                      llama6.model.layers[i].mlp.gate_proj.weight.detach().numpy()[keep])
+    masks = [torch.zeros(128) for _ in range(6)]
+    for i, layer in enumerate(pruned.model.layers):
+        g = llama6.model.layers[i].mlp.gate_proj.weight
+        rows = [int((g == r).all(1).nonzero()[0]) for r in layer.mlp.gate_proj.weight]
+        masks[i][rows] = 1.0
+    oracle = copy.deepcopy(llama6)
+    remove_sublayers(oracle, [4])
+    for i, layer in enumerate(oracle.model.layers):
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: (a[0] * masks[i],))
+    with torch.no_grad():
+        np.testing.assert_allclose(pruned(ids).logits.numpy(), oracle(ids).logits.numpy(), atol=1e-5)
+    (tmp_path / "a").mkdir()
+    body = export_causal_lm(pruned, tmp_path / "a", accuracy_level=0)
+    load_model("tiny-llama").save_hf_files(tmp_path / "a", model=pruned)
+    write_manifest(tmp_path / "a", {"task": "causal-lm", **body})
+    art = Artifact.load(tmp_path / "a")
+    with torch.no_grad():
+        want = pruned(ids[:1]).logits[0].numpy()
+    for name in ("ort-cpu", "torch"):
+        np.testing.assert_allclose(open_runtime(name, art).logits(ids[0].numpy()), want, atol=2e-4)

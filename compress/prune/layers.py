@@ -14,7 +14,8 @@ torch model as in the ONNX export (``past_key_values.{j}``).
 
     {"original_layers": 30,                 # num_hidden_layers before any pruning
      "layers": [0, 1, 3, ...],              # original index of each remaining layer
-     "no_attention": [4, 9], "no_mlp": [7]}  # remaining layers (new indices) without that sublayer
+     "no_attention": [4, 9], "no_mlp": [7],  # remaining layers (new indices) without that sublayer
+     "intermediate_sizes": [1152, ...]}      # only after prune_mlp_channels (see .channels)
 
 :func:`restore_pruned_layers` applies that record to a model freshly built from the config (torch runtime).
 """
@@ -118,6 +119,8 @@ def remove_sublayers(model: nn.Module, removed: Iterable[int]) -> dict[str, Any]
     keep = [i for i, layer in enumerate(layers) if any(has_sublayer(layer, k) for k in KINDS)]
     model.model.layers = nn.ModuleList(layers[i] for i in keep)
     rec["layers"] = [rec["layers"][i] for i in keep]
+    if "intermediate_sizes" in rec:  # prune_mlp_channels ran before
+        rec["intermediate_sizes"] = [rec["intermediate_sizes"][i] for i in keep]
     _finish(model, rec)
     log.info("removed %d sublayers: %s", len(removed), ", ".join(original))
     return {"removed": [sublayer_name(s) for s in removed], "removed_original": original,
@@ -152,5 +155,12 @@ def restore_pruned_layers(model: nn.Module) -> nn.Module:
         for i in rec[key]:
             setattr(layers[i], kind, RemovedSublayer(kind))
             setattr(layers[i], NORMS[kind], nn.Identity())
+    for i, size in enumerate(rec.get("intermediate_sizes") or []):  # prune_mlp_channels: smaller MLPs
+        mlp = layers[i].mlp
+        if has_sublayer(layers[i], "mlp") and size != mlp.gate_proj.out_features:
+            h, bias = mlp.gate_proj.in_features, mlp.down_proj.bias is not None
+            mlp.gate_proj = nn.Linear(h, size, bias=mlp.gate_proj.bias is not None)
+            mlp.up_proj = nn.Linear(h, size, bias=mlp.up_proj.bias is not None)
+            mlp.down_proj = nn.Linear(size, h, bias=bias)
     _finish(model, dict(rec))
     return model
