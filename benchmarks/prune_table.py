@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine two "
                     "threads ran the small matmuls ~10x slower)")
+    ap.add_argument("--channels", type=float, nargs="*", help="instead: MLP channel pruning (prune_mlp_channels) at "
+                    "these fractions of every layer's intermediate channels")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -69,6 +71,8 @@ def main() -> None:
     with torch.no_grad():
         ref_logits = [reference(input_ids=row[None], use_cache=False).logits[0].float().numpy() for row in held_out]
 
+    if args.channels:
+        return channel_rows(args, reference, calib, held_out, ref_logits)
     chain = SublayerChain(reference, calib, stride=args.stride)
     n = chain.n
     t0 = time.perf_counter()
@@ -129,6 +133,26 @@ def main() -> None:
             "sublayer_influence": {sublayer_name(u[0]): v for u, v in sub_bi.items()},
             "block_influence": {f"model.layers.{u[0] // 2}": v for u, v in blk_bi.items()}, "rows": rows},
             indent=2, default=str))
+
+
+def channel_rows(args, reference, calib, held_out, ref_logits) -> None:
+    """MLP channel pruning rows: every layer keeps (1 - fraction) of its 1536 intermediate channels (multiple of
+    64) by calibrated importance, scored like the layer rows."""
+    from edgecompress.compress.prune.channels import ChannelPruneConfig, apply_prune_channels
+
+    rows = []
+    for fraction in args.channels:
+        model = copy.deepcopy(reference)
+        t0 = time.perf_counter()
+        records = apply_prune_channels(model, calib, ChannelPruneConfig(fraction=fraction))
+        res = held_out_metrics(model, held_out, ref_logits)
+        rows.append({"fraction": fraction, "intermediate": records[0]["intermediate_after"], **res,
+                     "params": sum(p.numel() for p in model.parameters()), "s": round(time.perf_counter() - t0, 1)})
+        print(f"| {fraction:.0%} | {rows[-1]['intermediate']} | {rows[-1]['params'] / 1e6:.1f}M | "
+              f"{res['perplexity_ratio']:.4f} | {res['kl']:.4f} | {res['top1_agreement']:.4f} |", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

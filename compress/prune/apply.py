@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +79,8 @@ def _kept(name: str, unit: Unit, keep: tuple[str, ...]) -> bool:
     return any(re.search(k, n) for k in keep for n in names)
 
 
-def _leaves_attention(present: set[int]) -> Any:
+def _leaves_attention(present: set[int]) -> Callable[[set[int]], bool]:
+    """A veto for removal sets that would leave no attention sublayer."""
     return lambda removed: any(s % 2 == 0 for s in present - removed)
 
 
