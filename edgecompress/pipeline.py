@@ -35,8 +35,9 @@ from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_p
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, PruneChannelsStep,
-                     PruneLayersStep, QuantizeStep, Recipe, SmoothQuantStep, SparsifyStep, SteerStep, recipe_to_dict)
+from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
+                     SparsifyStep, SteerStep, recipe_to_dict)
+from .recipe import PruneChannelsStep, PruneLayersStep
 
 log = logging.getLogger(__name__)
 
