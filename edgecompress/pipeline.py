@@ -38,6 +38,7 @@ from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
 from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
                      SparsifyStep, SteerStep, recipe_to_dict)
+from .recipe import PruneChannelsStep, PruneLayersStep
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,27 @@ def _apply_act_sparsify(model: nn.Module, step: ActSparsifyStep, ctx: StepContex
     return apply_act_sparsify(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
 
 
+def _apply_prune_layers(model: nn.Module, step: PruneLayersStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.prune.apply import PruneLayersConfig, apply_prune_layers
+
+    cfg = PruneLayersConfig(method=step.method, granularity=step.granularity, fraction=step.fraction,
+                            count=step.count, divergence=step.divergence, keep=tuple(step.keep),
+                            remove=tuple(step.remove), windows=step.windows, rescore=step.rescore, stride=step.stride)
+    records = apply_prune_layers(model, ctx.windows, cfg, progress=ctx.progress)
+    summary = records[0]["prune_layers"]
+    console.log(f"prune_layers {step.method}: removed {', '.join(r['module'] for r in records[1:]) or 'nothing'} "
+                f"({summary['params_removed'] / 1e6:.2f}M parameters; {summary['layers_after']} of "
+                f"{summary['layers_before']} layers left)")
+    return records
+
+
+def _apply_prune_channels(model: nn.Module, step: PruneChannelsStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.prune.channels import ChannelPruneConfig, apply_prune_channels
+
+    cfg = ChannelPruneConfig(fraction=step.fraction, multiple_of=step.multiple_of)
+    return apply_prune_channels(model, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
+
+
 STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = {
     "quantize": _apply_quantize,
     "awq": _apply_awq,
@@ -200,6 +222,8 @@ STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = 
     "sparsify": _apply_sparsify,
     "lowrank": _apply_lowrank,
     "sparsify_activations": _apply_act_sparsify,
+    "prune_layers": _apply_prune_layers,
+    "prune_mlp_channels": _apply_prune_channels,
 }
 
 

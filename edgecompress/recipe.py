@@ -62,6 +62,8 @@ __all__ = [
     "CheckSpec",
     "ExportSpec",
     "ModelSpec",
+    "PruneChannelsStep",
+    "PruneLayersStep",
     "LowRankStep",
     "QuantizeStep",
     "SparsifyStep",
@@ -664,6 +666,91 @@ class ActSparsifyStep(StepConfig):
         return self
 
 
+_PRUNE_NAME_RE = re.compile(r"model\.layers\.\d+(?:\.(?:self_attn|mlp))?")
+
+
+def _check_prune_name(value: str) -> str:
+    if _PRUNE_NAME_RE.fullmatch(value):
+        return value
+    what = ("the embedding" if "embed" in value else "the LM head" if "lm_head" in value
+            else "the final norm" if value.endswith("norm") else None)
+    raise PydanticCustomError(
+        "prune_name", "{value}{what} cannot be removed: prune_layers removes decoder blocks 'model.layers.N' or their "
+        "sublayers 'model.layers.N.self_attn' / 'model.layers.N.mlp'",
+        {"value": _show(value), "what": f" ({what})" if what else ""})
+
+
+PruneName = Annotated[StrictStr, AfterValidator(_check_prune_name)]
+PruneMethod = _choice("greedy", "block_influence", "given")
+PruneGranularity = _choice("sublayer", "block")
+
+
+class PruneLayersStep(StepConfig):
+    """Structured pruning of a Llama-family decoder: whole blocks or single attention/MLP sublayers removed
+    (the model, its config and the export get smaller), chosen by calibration evidence."""
+
+    step_type: ClassVar[str] = "prune_layers"
+
+    method: PruneMethod = Field(
+        "greedy", description="greedy (remove one unit at a time, the one whose removal gives the smallest output "
+        "divergence from the unpruned model on the calibration windows, re-scoring after each; FinerCut, Zhang et al. "
+        "2024), block_influence (1 - cos(x_in, x_out) of each unit, scored once, lowest removed; ShortGPT, Men et al. "
+        "2024) or given (the `remove` list).")
+    granularity: PruneGranularity = Field(
+        "sublayer", description="sublayer (attention and MLP sublayers separately: 2L units) or block (whole decoder "
+        "layers: L units).")
+    fraction: StrictFloat | None = Field(
+        None, ge=0, lt=1, description="Fraction of the model's units (blocks or sublayers) to remove, rounded; "
+        "give this or count.")
+    count: StrictInt | None = Field(None, ge=0, description="Number of units to remove; give this or fraction.")
+    divergence: _choice("kl", "js") = Field(
+        "kl", description="greedy: KL(unpruned || pruned) or Jensen-Shannon of the next-token distributions, "
+        "averaged over the calibration tokens.")
+    keep: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (), description="Regexes (re.search) over unit names (model.layers.N, model.layers.N.self_attn|mlp) never "
+        "removed.")
+    remove: Annotated[tuple[PruneName, ...], BeforeValidator(_listify)] = Field(
+        (), description="given: the units to remove, e.g. ['model.layers.20', 'model.layers.7.mlp'].")
+    windows: StrictInt | None = Field(None, ge=1, description="Calibration windows the scores use (default: all).")
+    rescore: StrictInt | None = Field(
+        None, ge=1, description="greedy: after the first round (every unit scored), re-score only this many units, "
+        "those with the smallest divergence at their last scoring (default: all, as FinerCut; much slower).")
+    stride: StrictInt = Field(1, ge=1, description="greedy: measure the divergence at every stride-th token (the "
+                              "decoder still runs on all of them; the LM head only where measured).")
+
+    @model_validator(mode="after")
+    def _how_many(self) -> PruneLayersStep:
+        if self.method == "given":
+            if not self.remove:
+                raise _located_error(("remove",), [], "prune_remove", "method given needs a non-empty remove list", {})
+            extra = [k for k in ("fraction", "count") if getattr(self, k) is not None]
+            if extra:
+                raise _located_error((extra[0],), getattr(self, extra[0]), "prune_count",
+                                     "method given removes the `remove` list; leave {key} out", {"key": extra[0]})
+        else:
+            if self.remove:
+                raise _located_error(("remove",), list(self.remove), "prune_remove",
+                                     "remove is for method given; method {method} chooses by itself",
+                                     {"method": self.method})
+            if (self.fraction is None) == (self.count is None):
+                loc = ("count",) if self.count is not None else ("fraction",)
+                raise _located_error(loc, self.count if self.count is not None else self.fraction, "prune_count",
+                                     "give exactly one of fraction, count (how many units to remove)", {})
+        return self
+
+
+class PruneChannelsStep(StepConfig):
+    """MLP channel pruning: each decoder layer keeps the intermediate channels with the largest calibrated
+    importance E[a_j^2] * ||W_down[:, j]||^2 (smaller gate/up/down matrices)."""
+
+    step_type: ClassVar[str] = "prune_mlp_channels"
+
+    fraction: StrictFloat = Field(0.25, ge=0, lt=1, description="Fraction of each layer's intermediate channels "
+                                  "removed (the kept count is rounded to multiple_of).")
+    multiple_of: StrictInt = Field(64, ge=1, description="Kept channels per layer are a multiple of this (64 keeps "
+                                   "down_proj's input size divisible by the quantization blocks).")
+
+
 #: Registered step types: the YAML key of a step item -> its config model.
 STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
@@ -674,6 +761,8 @@ STEP_TYPES: dict[str, type[StepConfig]] = {
     SparsifyStep.step_type: SparsifyStep,
     LowRankStep.step_type: LowRankStep,
     ActSparsifyStep.step_type: ActSparsifyStep,
+    PruneLayersStep.step_type: PruneLayersStep,
+    PruneChannelsStep.step_type: PruneChannelsStep,
 }
 
 

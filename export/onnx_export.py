@@ -11,7 +11,7 @@ import onnx
 from torch import nn
 
 from .onnx_formats import EmitOptions, LayerFormat
-from .onnx_llm import build_llama_decoder
+from .onnx_llm import attention_layers, build_llama_decoder
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ def export_causal_lm(model: nn.Module, dest: Path, *, accuracy_level: int = 4, f
     body = _save(proto, formats, dest, accuracy_level)
     body["onnx"]["kv_cache"] = {"layout": "[batch, kv_heads, seq, head_dim]", "dtype": "float32",
                                 "past": "past_key_values.{i}.key|value", "present": "present.{i}.key|value"}
+    pruning = getattr(model.config, "layer_pruning", None)
+    if pruning:  # prune_layers: entry i is decoder layer layers[i]'s cache (layers without attention have none)
+        body["onnx"]["kv_cache"]["layers"] = attention_layers(model)
+        body["layer_pruning"] = pruning
     tokens = getattr(model.config, "float_prefix", None)
     if tokens:
         body["prefix"] = write_prefix(model, list(tokens), dest)

@@ -14,6 +14,10 @@ I/O (names follow optimum, so ``ORTModelForCausalLM`` loads the artifact):
 Binding the same buffer as ``past`` and ``present`` (size max_length) makes
 ``GroupQueryAttention`` update the cache in place (the runtime's lean decode loop).
 Batch size 1 or right-aligned unpadded batches: positions come from the attention mask.
+
+A structurally pruned model (``prune_layers``) writes only what is left: a layer without attention has no
+norm/QKV/attention/output projection and no KV cache entry (``{i}`` counts the remaining attention layers; the
+manifest's ``onnx.kv_cache.layers`` maps each to its decoder layer), a layer without MLP no gate/up/down.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import onnx
 import torch
 from torch import nn
 
+
+from edgecompress.compress.prune.layers import has_sublayer
 
 from .graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
 from .onnx_formats import (EmitOptions, LayerFormat, WeightCache, emit_embedding, emit_linear, emit_tied_head,
@@ -92,13 +98,14 @@ def build_llama_decoder(model: nn.Module, *, opts: EmitOptions | None = None, fu
 
     ids = g.input("input_ids", INT64, [dyn_b, dyn_s])
     mask = g.input("attention_mask", INT64, [dyn_b, dyn_t])
+    kv_slot = {i: j for j, i in enumerate(attention_layers(model))}  # decoder layer -> KV cache entry
     past = []
-    for i in range(d.layers):
+    for i in range(len(kv_slot)):
         k = g.input(f"past_key_values.{i}.key", FLOAT, [dyn_b, d.kv_heads, dyn_p, d.head_dim])
         v = g.input(f"past_key_values.{i}.value", FLOAT, [dyn_b, d.kv_heads, dyn_p, d.head_dim])
         past.append((k, v))
     g.output("logits", FLOAT, [dyn_b, dyn_s, d.vocab])
-    for i in range(d.layers):
+    for i in range(len(kv_slot)):
         for kind in ("key", "value"):
             g.output(f"present.{i}.{kind}", FLOAT, [dyn_b, d.kv_heads, dyn_t, d.head_dim])
 
@@ -117,49 +124,11 @@ def build_llama_decoder(model: nn.Module, *, opts: EmitOptions | None = None, fu
     residual = None
     pending = h  # value to add into the residual stream before the next norm
     for i, layer in enumerate(inner.layers):
-        pre = f"model.layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        x, residual = _add_norm(g, pending, residual, layer.input_layernorm.weight, f"{pre}.input_layernorm", eps)
-        q_in = [attn.q_proj, attn.k_proj, attn.v_proj]
-        fused = fuse_linears(q_in) if fuse else None
-        if fused is not None:
-            qkv, fmt = emit_linear(g, x, fused, f"{pre}.self_attn.qkv_proj", opts, cache)
-            fmt.parts = [(f"{pre}.self_attn.{n}", m.out_features) for n, m in zip(("q_proj", "k_proj", "v_proj"), q_in)]
-            formats.append(fmt)
-            gqa_in = [qkv, "", ""]
-        else:
-            gqa_in = []
-            for name, m in zip(("q_proj", "k_proj", "v_proj"), q_in):
-                y, fmt = emit_linear(g, x, m, f"{pre}.self_attn.{name}", opts, cache)
-                formats.append(fmt)
-                gqa_in.append(y)
-        a, = g.node(
-            "GroupQueryAttention", gqa_in + [past[i][0], past[i][1], seqlens, total, cos_name, sin_name], 3,
-            name=f"{pre}.self_attn/GroupQueryAttention", domain=MS_DOMAIN,
-            outputs=[f"{pre}.self_attn/attn", f"present.{i}.key", f"present.{i}.value"],
-            num_heads=d.heads, kv_num_heads=d.kv_heads, do_rotary=1, rotary_interleaved=0,
-            scale=1.0 / math.sqrt(d.head_dim),
-        )[:1]
-        o, fmt = emit_linear(g, a, attn.o_proj, f"{pre}.self_attn.o_proj", opts, cache)
-        formats.append(fmt)
-        x, residual = _add_norm(g, o, residual, layer.post_attention_layernorm.weight,
-                                f"{pre}.post_attention_layernorm", eps)
-        fused = fuse_linears([mlp.gate_proj, mlp.up_proj]) if fuse else None
-        if fused is not None:
-            gu, fmt = emit_linear(g, x, fused, f"{pre}.mlp.gate_up_proj", opts, cache)
-            fmt.parts = [(f"{pre}.mlp.gate_proj", d.intermediate), (f"{pre}.mlp.up_proj", d.intermediate)]
-            formats.append(fmt)
-            gate, up = g.node("Split", [gu, g.const("split", np.array([d.intermediate] * 2, np.int64))], 2,
-                              name=f"{pre}.mlp/split", axis=-1)
-        else:
-            gate, fmt = emit_linear(g, x, mlp.gate_proj, f"{pre}.mlp.gate_proj", opts, cache)
-            formats.append(fmt)
-            up, fmt = emit_linear(g, x, mlp.up_proj, f"{pre}.mlp.up_proj", opts, cache)
-            formats.append(fmt)
-        act = g.op("Mul", gate, g.op("Sigmoid", gate, name=f"{pre}.mlp/sigmoid"), name=f"{pre}.mlp/silu")
-        act = g.op("Mul", act, up, name=f"{pre}.mlp/gate_mul")
-        pending, fmt = emit_linear(g, act, mlp.down_proj, f"{pre}.mlp.down_proj", opts, cache)
-        formats.append(fmt)
+        if i in kv_slot:
+            pending, residual = _attention(g, layer, i, kv_slot[i], pending, residual, past,
+                                           (seqlens, total, cos_name, sin_name), d, fuse, opts, cache, formats)
+        if has_sublayer(layer, "mlp"):
+            pending, residual = _mlp(g, layer, i, pending, residual, d, fuse, opts, cache, formats)
         if progress is not None:
             progress()
     x, _ = _add_norm(g, pending, residual, inner.norm.weight, "model.norm", eps)
@@ -172,6 +141,68 @@ def build_llama_decoder(model: nn.Module, *, opts: EmitOptions | None = None, fu
     formats.append(fmt)
     g.node("Identity", [logits], outputs=["logits"], name="logits")
     return g.model(), formats
+
+
+def attention_layers(model: nn.Module) -> list[int]:
+    """Decoder layers that have attention (all, unless ``prune_layers`` removed some): one KV cache entry each."""
+    return [i for i, layer in enumerate(model.model.layers) if has_sublayer(layer, "self_attn")]
+
+
+def _attention(g: GraphBuilder, layer: nn.Module, i: int, slot: int, pending: str, residual: str | None,
+               past: list, gqa_extra: tuple, d: LlamaDims, fuse: bool, opts: EmitOptions, cache: WeightCache,
+               formats: list[LayerFormat]) -> tuple[str, str]:
+    """Norm, QKV, GroupQueryAttention (KV cache entry ``slot``), output projection of layer ``i``."""
+    pre, attn, eps = f"model.layers.{i}", layer.self_attn, d.rms_eps
+    x, residual = _add_norm(g, pending, residual, layer.input_layernorm.weight, f"{pre}.input_layernorm", eps)
+    q_in = [attn.q_proj, attn.k_proj, attn.v_proj]
+    fused = fuse_linears(q_in) if fuse else None
+    if fused is not None:
+        qkv, fmt = emit_linear(g, x, fused, f"{pre}.self_attn.qkv_proj", opts, cache)
+        fmt.parts = [(f"{pre}.self_attn.{n}", m.out_features) for n, m in zip(("q_proj", "k_proj", "v_proj"), q_in)]
+        formats.append(fmt)
+        gqa_in = [qkv, "", ""]
+    else:
+        gqa_in = []
+        for name, m in zip(("q_proj", "k_proj", "v_proj"), q_in):
+            y, fmt = emit_linear(g, x, m, f"{pre}.self_attn.{name}", opts, cache)
+            formats.append(fmt)
+            gqa_in.append(y)
+    a, = g.node(
+        "GroupQueryAttention", gqa_in + [past[slot][0], past[slot][1], *gqa_extra], 3,
+        name=f"{pre}.self_attn/GroupQueryAttention", domain=MS_DOMAIN,
+        outputs=[f"{pre}.self_attn/attn", f"present.{slot}.key", f"present.{slot}.value"],
+        num_heads=d.heads, kv_num_heads=d.kv_heads, do_rotary=1, rotary_interleaved=0,
+        scale=1.0 / math.sqrt(d.head_dim),
+    )[:1]
+    o, fmt = emit_linear(g, a, attn.o_proj, f"{pre}.self_attn.o_proj", opts, cache)
+    formats.append(fmt)
+    return o, residual
+
+
+def _mlp(g: GraphBuilder, layer: nn.Module, i: int, pending: str, residual: str | None, d: LlamaDims, fuse: bool,
+         opts: EmitOptions, cache: WeightCache, formats: list[LayerFormat]) -> tuple[str, str]:
+    """Norm, gate/up, SiLU gate, down projection of layer ``i``."""
+    pre, mlp, eps = f"model.layers.{i}", layer.mlp, d.rms_eps
+    x, residual = _add_norm(g, pending, residual, layer.post_attention_layernorm.weight,
+                            f"{pre}.post_attention_layernorm", eps)
+    inter = mlp.gate_proj.out_features
+    fused = fuse_linears([mlp.gate_proj, mlp.up_proj]) if fuse else None
+    if fused is not None:
+        gu, fmt = emit_linear(g, x, fused, f"{pre}.mlp.gate_up_proj", opts, cache)
+        fmt.parts = [(f"{pre}.mlp.gate_proj", inter), (f"{pre}.mlp.up_proj", inter)]
+        formats.append(fmt)
+        gate, up = g.node("Split", [gu, g.const("split", np.array([inter] * 2, np.int64))], 2,
+                          name=f"{pre}.mlp/split", axis=-1)
+    else:
+        gate, fmt = emit_linear(g, x, mlp.gate_proj, f"{pre}.mlp.gate_proj", opts, cache)
+        formats.append(fmt)
+        up, fmt = emit_linear(g, x, mlp.up_proj, f"{pre}.mlp.up_proj", opts, cache)
+        formats.append(fmt)
+    act = g.op("Mul", gate, g.op("Sigmoid", gate, name=f"{pre}.mlp/sigmoid"), name=f"{pre}.mlp/silu")
+    act = g.op("Mul", act, up, name=f"{pre}.mlp/gate_mul")
+    pending, fmt = emit_linear(g, act, mlp.down_proj, f"{pre}.mlp.down_proj", opts, cache)
+    formats.append(fmt)
+    return pending, residual
 
 
 def _keep_last(g: GraphBuilder, x: str) -> str:

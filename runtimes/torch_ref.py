@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from edgecompress.artifact import Artifact
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
+from edgecompress.compress.prune.layers import restore_pruned_layers
 from edgecompress.compress.quant.fp4 import FP4Tensor
 from edgecompress.compress.sparse.activation import ActSparseLinear
 from edgecompress.compress.sparse.format import SparseTensor
@@ -112,6 +113,7 @@ def load_torch_model(artifact: Artifact) -> torch.nn.Module:
     config = artifact.config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        restore_pruned_layers(model)  # prune_layers: the sublayers config.layer_pruning lists are gone
     state: dict[str, torch.Tensor] = {}
     for layer in artifact.manifest["layers"]:
         w = decode_layer(layer, get)

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgecompress.compress.prune.layers import RemovedSublayer
+
 from .formats import QuantScheme, block_scales, decode, encode, to_blocks
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,11 @@ _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+def _present(layer: nn.Module, name: str) -> bool:
+    """Whether ``name``'s sublayer (``self_attn`` / ``mlp``) is still in the layer (not removed by prune_layers)."""
+    return not isinstance(layer.get_submodule(name.split(".")[0]), RemovedSublayer)
+
+
 def awq_block_(layer: nn.Module, stats: Stats, prefix: str, cfg: AWQConfig) -> list[dict[str, Any]]:
     """Search and fold AWQ scales, then search and apply clip ratios, in one Llama decoder layer.
 
@@ -206,6 +213,8 @@ def awq_block_(layer: nn.Module, stats: Stats, prefix: str, cfg: AWQConfig) -> l
     records: list[dict[str, Any]] = []
     hessian: dict[str, torch.Tensor] = {}  # of each linear's input, after folding
     for prev_name, names in _GROUPS:
+        if not _present(layer, names[0]):  # a sublayer removed by prune_layers
+            continue
         prev = layer.get_submodule(prev_name)
         linears = [layer.get_submodule(n) for n in names]
         first = f"{prefix}.{names[0]}"
@@ -225,10 +234,11 @@ def awq_block_(layer: nn.Module, stats: Stats, prefix: str, cfg: AWQConfig) -> l
                         "scaled_from": f"{prefix}.{prev_name}", "alpha": info["alpha"],
                         "loss_before": info["loss_rtn"], "loss_after": info["loss"],
                         "s_min": float(s.min()), "s_max": float(s.max())})
-    hessian["self_attn.o_proj"] = stats(f"{prefix}.self_attn.o_proj", "hessian")["hessian"]
+    if _present(layer, "self_attn.o_proj"):
+        hessian["self_attn.o_proj"] = stats(f"{prefix}.self_attn.o_proj", "hessian")["hessian"]
     if not cfg.clip:
         return records
-    for name in _LINEARS:
+    for name in filter(lambda n: _present(layer, n), _LINEARS):
         lin = layer.get_submodule(name)
         d = hessian[name].diagonal().float().cpu()
         r = awq_search_clip(lin.weight, d, cfg.scheme, cfg.clip_grid, cfg.max_shrink)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgecompress.compress.prune.layers import RemovedSublayer
 from edgecompress.errors import EdgeCompressError
 
 from .awq import fold_scales_into_linear, fold_scales_into_norm
@@ -111,7 +112,8 @@ def _sites(model: nn.Module, family: str) -> Iterator[FoldSite]:
         b = f"{root}.{i}"
         if family == "llama":
             for site, linears in _LLAMA:
-                yield f"{b}.{site}", [f"{b}.{n}" for n in linears], None
+                if not isinstance(model.get_submodule(f"{b}.{linears[0].split('.')[0]}"), RemovedSublayer):
+                    yield f"{b}.{site}", [f"{b}.{n}" for n in linears], None  # (unless prune_layers removed it)
             continue
         qkv = [f"{b}.attention.self.{n}" for n in ("query", "key", "value")]
         prev_norm = f"{root[: -len(path)]}embeddings.LayerNorm" if i == 0 else f"{root}.{i - 1}.output.LayerNorm"

@@ -43,6 +43,7 @@ from torch import nn
 
 from edgecompress.compress.calibration.driver import _main_output, _with_hidden, default_forward, sequential_calibrate
 from edgecompress.compress.calibration.observers import LogHistogramObserver
+from edgecompress.compress.prune.layers import RemovedSublayer
 from edgecompress.compress.quant.rtn import _set_module, check_targets, select
 from edgecompress.compress.quant.sequential import LINEAR_TYPES, _block_prefix, decoder_blocks
 from edgecompress.errors import RecipeError
@@ -186,6 +187,8 @@ def _sites(model: nn.Module, blocks: nn.ModuleList, cfg: ActSparsifyConfig) -> l
     for i, block in enumerate(blocks):
         prefix = _block_prefix(model, block)
         for site, members in SITES:
+            if isinstance(block.get_submodule(site.split(".")[0]), RemovedSublayer):  # removed by prune_layers
+                continue
             chosen = [f"{prefix}.{m}" for m in members if select(f"{prefix}.{m}", cfg.targets, cfg.ignore)]
             mods = [model.get_submodule(n) for n in chosen]
             taken += [n for n, m in zip(chosen, mods) if isinstance(m, ActSparseLinear)]
