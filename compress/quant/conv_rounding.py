@@ -14,8 +14,8 @@ grid (the scales stay ``max|W_c| / 127``, so the exporter writes exactly these c
   output shift per channel that the rounded weights cause on calibration images,
   ``E[W_q x] − E[W x]``, is subtracted from the bias (:func:`bias_shift`).
 
-Layers are processed in forward order on inputs computed by the already-rounded earlier layers
-(:func:`round_conv_weights`, the adapter; its hook is removed in ``finally``).
+Layers are processed in forward order on inputs computed by the already-rounded earlier layers, in one
+forward pass (:func:`round_conv_weights`, the adapter; its hooks are removed in ``finally``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ConvRoundingConfig:
     method: str = "gptq"  # nearest | gptq
     bias_correction: bool = True
     damp: float = 0.01  # GPTQ: fraction of mean(diag H) added to the diagonal
-    batch_size: int = 8  # images per forward pass
+    batch_size: int = 8  # images per chunk of unfolded patches (GPTQ's Hessian)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -123,76 +123,72 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-class _Capture:
-    """Context manager: a forward pre-hook on ``module`` that records its input and stops the forward."""
-
-    class Stop(Exception):
-        pass
-
-    def __init__(self, module: nn.Module):
-        self.module, self.inputs = module, []
-
-    def __enter__(self) -> _Capture:
-        def hook(_m, args):
-            self.inputs.append(args[0].detach())
-            raise _Capture.Stop
-        self.handle = self.module.register_forward_pre_hook(hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
+def _forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``module``'s function with another weight (called directly: no hooks)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, module.bias)
+    return module._conv_forward(x, weight, module.bias)
 
 
-@torch.no_grad()
-def layer_input(model: nn.Module, module: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``module``'s input over ``images`` (the forward stops at the layer)."""
-    with _Capture(module) as cap:
-        for i in range(0, len(images), batch_size):
-            try:
-                model(images[i:i + batch_size])
-            except _Capture.Stop:
-                pass
-    return torch.cat(cap.inputs)
+def round_layer(module: nn.Conv2d | nn.Linear, x: torch.Tensor, cfg: ConvRoundingConfig) -> tuple[torch.Tensor, dict]:
+    """Round ``module``'s weight in place given its input ``x`` (and correct its bias); returns the scales
+    and a record with the relative output error before and after the bias correction."""
+    W = module.weight.data.clone()
+    s = channel_scales(W)
+    if cfg.method == "gptq":
+        H, n = 0, 0
+        for xb in x.split(cfg.batch_size):  # patches of a few images at a time (they are k·k times the input)
+            P = conv_patches(module, xb)
+            H, n = H + patch_hessian(P), n + P.shape[-2]
+        Wq = gptq_fixed_scale(W.flatten(1), H / n, s, cfg.damp).view_as(W)
+    else:
+        Wq = round_nearest(W, s)
+    y, yq = _forward(module, x, W), _forward(module, x, Wq)
+    norm = y.norm().clamp_min(1e-12)
+    rec = {"shape": list(W.shape), "rel_error": round(float((yq - y).norm() / norm), 6)}
+    module.weight.data.copy_(Wq)
+    if cfg.bias_correction:
+        module.bias.data -= bias_shift(y, yq)
+        rec["rel_error_corrected"] = round(float((_forward(module, x, Wq) - y).norm() / norm), 6)
+    return s, rec
 
 
 @torch.no_grad()
 def round_conv_weights(model: nn.Module, images: torch.Tensor, cfg: ConvRoundingConfig = ConvRoundingConfig(),
                        *, progress=None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Round every Conv2d/Linear weight of ``model`` (eval mode, BatchNorm already folded: every layer
-    needs a bias) to its int8 grid, in place, layer by layer on ``images [N, 3, H, W]``.
+    needs a bias) to its int8 grid, in place, on calibration ``images [N, 3, H, W]``.
 
+    One forward pass over all images: a pre-hook on each layer rounds it on the input it receives, which
+    the already-rounded earlier layers computed, then the pass continues through the rounded layer.
     Returns ``({weight name: scales [C_out]}, records)``: the scales the exporter must use (the weights
-    are exactly ``scales·q``), and per layer the relative output error before and after."""
-    scales, records = {}, []
+    are exactly ``scales·q``), and per layer the relative output error before and after correction."""
     layers = weighted_layers(model)
     for name, mod in layers:
         if mod.bias is None:
             raise ValueError(f"{name} has no bias: fold BatchNorm before rounding (bias correction needs one)")
-        W = mod.weight.data.clone()
-        s = channel_scales(W)
-        x = layer_input(model, mod, images, cfg.batch_size) if (cfg.method == "gptq" or cfg.bias_correction) else None
-        if cfg.method == "gptq":
-            H, n = 0, 0
-            for xb in x.split(cfg.batch_size):  # patches of a few images at a time (they are k·k times the input)
-                P = conv_patches(mod, xb)
-                H, n = H + patch_hessian(P), n + P.shape[-2]
-            Wq = gptq_fixed_scale(W.flatten(1), H / n, s, cfg.damp).view_as(W)
-        else:
-            Wq = round_nearest(W, s)
-        rec = {"layer": name, "shape": list(W.shape), "method": cfg.method}
-        if x is not None:
-            y = mod(x)
-            mod.weight.data.copy_(Wq)
-            yq = mod(x)
-            rec["rel_error"] = round(float((yq - y).norm() / y.norm().clamp_min(1e-12)), 6)
-            if cfg.bias_correction:
-                mod.bias.data -= bias_shift(y, yq)
-                rec["rel_error_corrected"] = round(float((mod(x) - y).norm() / y.norm().clamp_min(1e-12)), 6)
-        else:
-            mod.weight.data.copy_(Wq)
-        scales[name + ".weight"] = s
-        records.append(rec)
-        if progress is not None:
-            progress()
+    scales: dict[str, torch.Tensor] = {}
+    records: list[dict] = []
+
+    def hook_for(name: str):
+        def hook(mod, args):
+            if name + ".weight" in scales:
+                raise RuntimeError(f"{name} runs twice in one forward; shared layers are not supported")
+            s, rec = round_layer(mod, args[0], cfg)
+            scales[name + ".weight"] = s
+            records.append({"layer": name, **rec})
+            if progress is not None:
+                progress()
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(name)) for name, mod in layers]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n, _ in layers if n + ".weight" not in scales]
+    if missing:
+        raise RuntimeError(f"layers not reached by the forward pass: {', '.join(missing[:4])}")
     log.info("rounded %d layers to int8 (%s%s)", len(layers), cfg.method, " + bias correction" if cfg.bias_correction else "")
     return scales, records
