@@ -183,8 +183,11 @@ def evaluate(rt: Any, task: str, reference: torch.nn.Module, tokenizer: Any, dat
         batches = sentence_batches(tokenizer, data, windows, max_len=seq_len, batch_size=16)
         return check_sentence_encoder(rt.embed, reference, batches, progress=progress)
     if task == "image-classifier":
-        from .images import image_crops
+        from .images import image_crops, is_image_source
 
+        if not is_image_source(data):
+            raise EdgeCompressError(f"image classifiers are checked on images, and {data!r} is text",
+                                    hint="check data: skimage:eval or a folder of images")
         images = image_crops(data, windows, rt.image_size, mean=reference.mean, std=reference.std)
         return check_image_classifier(rt.classify, reference, images, progress=progress)
     if task == "causal-lm":

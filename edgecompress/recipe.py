@@ -245,7 +245,8 @@ class CalibrationSpec(BaseModel):
 
     data: DataSource = Field(
         "pydoc:calib",
-        description="Calibration text: 'pydoc:calib' (built-in Python documentation) or a path to a .txt/.jsonl file.",
+        description="Calibration text: 'pydoc:calib' (built-in Python documentation) or a path to a .txt/.jsonl file; "
+        "images: 'skimage:calib' or a folder of images.",
     )
     samples: StrictInt = Field(32, ge=1, description="Number of calibration sequences (sentences for encoders).")
     seq_len: StrictInt = Field(512, ge=8, description="Tokens per calibration sequence (max per sentence for encoders).")
@@ -759,11 +760,13 @@ class ExportSpec(BaseModel):
     target: ExportTarget = Field(
         "cpu",
         description="Hardware the export is built for: cpu, or npu-qnn (Qualcomm HTP through onnxruntime-qnn: "
-        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders).",
+        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders and image "
+        "classifiers).",
     )
     static_shapes: dict[str, StrictInt] | None = Field(
         None,
-        description="npu-qnn: the value of every symbolic input dimension, e.g. {batch_size: 1, sequence_length: 64}.",
+        description="npu-qnn: the value of every symbolic input dimension, e.g. {batch_size: 1, sequence_length: 64}; "
+        "image classifiers: {batch_size: 1, image_size: 224}.",
     )
     npu_activations: NpuActivations = Field(
         "uint16", description="npu-qnn: activation type of the QDQ graph, uint16 or uint8."
@@ -851,7 +854,8 @@ class CheckSpec(BaseModel):
         None, description="Name of the export target to check; default: the first non-reference one."
     )
     data: DataSource = Field(
-        "pydoc:eval", description="Evaluation text: 'pydoc:eval' or a path to a .txt/.jsonl file."
+        "pydoc:eval", description="Evaluation text: 'pydoc:eval' or a path to a .txt/.jsonl file; images: "
+        "'skimage:eval' or a folder of images."
     )
     seq_len: StrictInt = Field(512, ge=8, description="Tokens per evaluation window (max tokens per sentence for encoders).")
     windows: StrictInt = Field(8, ge=1, description="Number of evaluation windows (sentences for encoders).")
