@@ -63,20 +63,22 @@ def main() -> None:
     ap.add_argument("--variants", default="nearest,gptq+bc", help="comma-separated; see the docstring")
     ap.add_argument("--htp", default="nearest,gptq+bc", help="variants also run on the HTP ('' for none)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--model", default="efficientnet-lite0", help="model alias (tiny-efficientnet: a smoke run)")
+    ap.add_argument("--size", type=int, default=224, help="image size")
     args = ap.parse_args()
-    model = load_model("efficientnet-lite0").model.eval()
-    cal = image_crops("skimage:calib", args.calib, 224, mean=model.mean, std=model.std, seed=0)
-    ev = image_crops("skimage:eval", args.eval, 224, mean=model.mean, std=model.std, seed=0)
+    model = load_model(args.model).model.eval()
+    cal = image_crops("skimage:calib", args.calib, args.size, mean=model.mean, std=model.std, seed=0)
+    ev = image_crops("skimage:eval", args.eval, args.size, mean=model.mean, std=model.std, seed=0)
     ref = logits(model, ev)
     self_check = classifier_metrics(ref, ref)
-    res = {"calibration_images": len(cal), "eval_images": len(ev),
+    res = {"model": args.model, "calibration_images": len(cal), "eval_images": len(ev),
            "fp32_margin_median": round(self_check["reference_margin_median"], 4), "variants": {}}
     htp = [v for v in args.htp.split(",") if v]
     for variant in args.variants.split(","):
         method, _, bc = variant.partition("+")
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            body = export_npu_image_classifier(model, Path(tmp), cal, static_shapes={"batch_size": 1, "image_size": 224},
+            body = export_npu_image_classifier(model, Path(tmp), cal, static_shapes={"batch_size": 1, "image_size": args.size},
                                                rounding=method, bias_correction=bc == "bc")
             write_manifest(Path(tmp), {"task": "image-classifier", **body})
             row = {"export_s": round(time.perf_counter() - t, 1), "placement": body["npu"]["placement"],
