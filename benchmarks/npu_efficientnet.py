@@ -9,7 +9,7 @@ Conv/Gemm weights rounded by ``--variants``, uint16 activations) checked on the 
 
 Variants: ``nearest`` (round to nearest), ``nearest+bc`` (with bias correction), ``gptq``, ``gptq+bc``.
 
-    .venv/bin/python benchmarks/npu_efficientnet.py --json benchmarks/results/npu-efficientnet.json
+    .venv/bin/python benchmarks/npu_efficientnet.py --json benchmarks/results/npu-efficientnet.json  # 104 + 104 crops
 """
 
 from __future__ import annotations
@@ -58,14 +58,16 @@ def measure(runtime_name: str, art_path: Path, ev: np.ndarray, ref: np.ndarray) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calib", type=int, default=52, help="calibration crops (skimage:calib)")
+    ap.add_argument("--calib", type=int, default=104, help="calibration crops (skimage:calib)")
     ap.add_argument("--eval", type=int, default=104, help="evaluation crops (skimage:eval)")
-    ap.add_argument("--variants", default="nearest,gptq+bc", help="comma-separated; see the docstring")
-    ap.add_argument("--htp", default="nearest,gptq+bc", help="variants also run on the HTP ('' for none)")
+    ap.add_argument("--variants", default="nearest,nearest+bc,gptq,gptq+bc", help="comma-separated; see the docstring")
+    ap.add_argument("--htp", default="gptq+bc", help="variants also run on the HTP ('' for none)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--model", default="efficientnet-lite0", help="model alias (tiny-efficientnet: a smoke run)")
     ap.add_argument("--size", type=int, default=224, help="image size")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the rounding pass)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     model = load_model(args.model).model.eval()
     cal = image_crops("skimage:calib", args.calib, args.size, mean=model.mean, std=model.std, seed=0)
     ev = image_crops("skimage:eval", args.eval, args.size, mean=model.mean, std=model.std, seed=0)
@@ -84,6 +86,9 @@ def main() -> None:
             row = {"export_s": round(time.perf_counter() - t, 1), "placement": body["npu"]["placement"],
                    "weights": body["weights"]["params_by_format"],
                    "mean_rel_output_error": body["npu"]["weight_rounding"]["mean_rel_output_error"],
+                   "bias_widened_channels": sum(v["channels"] for v in body["npu"]["bias_widened_channels"].values()),
+                   "bias_widened_max_change": max((v["max_change"] for v in body["npu"]["bias_widened_channels"].values()),
+                                                  default=0.0),
                    "cpu_ep": measure("ort-cpu", Path(tmp), ev, ref)}
             if variant in htp:
                 row["htp"] = measure("qnn-htp", Path(tmp), ev, ref)

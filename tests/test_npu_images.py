@@ -155,6 +155,26 @@ def test_depthwise_weights_are_per_output_channel_and_symmetric_in_the_qdq_graph
         np.testing.assert_allclose(np.abs(w).reshape(len(w), -1).max(1), 127 * scale, rtol=1e-6)
 
 
+def test_off_grid_names_weights_the_qdq_model_changed():
+    """The export's guard: a weight whose dequantized codes differ from the rounded torch weight is reported
+    with how many channels moved and by how much (relative to the layer's max |W|)."""
+    from edgecompress.export.npu import _off_grid
+    from onnx import helper, numpy_helper
+
+    q, sc = np.array([[127, -3], [1, 0]], np.int8), np.array([0.01, 1e-3], np.float32)
+    inits = [numpy_helper.from_array(q, "w_quantized"), numpy_helper.from_array(sc, "w_scale"),
+             numpy_helper.from_array(np.zeros(2, np.int8), "w_zero_point")]
+    g = helper.make_graph([helper.make_node("DequantizeLinear", ["w_quantized", "w_scale", "w_zero_point"], ["w"],
+                                            axis=0)], "g", [], [helper.make_tensor_value_info("w", 1, [2, 2])], inits)
+    m = helper.make_model(g)
+    w = (q.astype(np.float64) * sc[:, None]).astype(np.float32)
+    assert _off_grid(m, {"w": w}) == {}
+    w[1, 1] = 4e-4
+    off = _off_grid(m, {"w": w})
+    assert off["w"]["channels"] == 1 and off["w"]["max_change"] == pytest.approx(4e-4 / 1.27, rel=1e-5)
+    assert _off_grid(m, {"v": w})["v"]["max_change"] is None  # not in the QDQ model at all
+
+
 # ----------------------------------------------------------------------------- image sources
 
 def _png_folder(path, n, seed):
@@ -270,6 +290,8 @@ def test_image_artifact_on_the_htp_matches_the_cpu_ep(tiny_run, folders, capsys)
     assert main(["check", str(art.path), "--runtime", "qnn-htp", "--data", folders[1], "--windows", "3",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 3
+    assert main(["bench", str(art.path), "--runtime", "qnn-htp", "--repeats", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images_s"] > 0
 
 
 def test_image_recipe_needs_a_static_image_size(folders, tmp_path, capsys):
