@@ -1,135 +1,103 @@
 """EfficientNet-Lite0 on the Qualcomm HTP simulator: top-1/top-5 agreement of the int8 NPU graph with fp32.
 
-Natural images: scikit-image's bundled samples (``pip install scikit-image``; 26 files, offline), split by
-file into calibration (even indices, 2 random crops each) and evaluation (odd indices, 4 crops each),
-so no evaluation image is seen in calibration. Crops are resized to 224, randomly flipped, scaled to
-``(x - 0.5) / 0.5``. The graph: TorchScript export (BN folded), int8 symmetric per-channel Conv/Gemm
-weights, uint16 activations (``write_npu_artifact``); run on the CPU EP and on the HTP with CPU fallback
-disabled. A second QDQ model of the same graph with 16-bit per-channel weights (everything else the same)
-shows where the loss is; the HTP is asked to load it too.
+Natural images: scikit-image's bundled samples (the ``images`` extra; offline), split by file
+(``skimage:calib`` = even-indexed files, ``skimage:eval`` = odd-indexed: no evaluation image is seen in
+calibration), as random crops resized to 224 (``edgecompress.images.image_crops``). Each variant is the
+recipe path's export (``export_npu_image_classifier``: BN folded, int8 symmetric per-output-channel
+Conv/Gemm weights rounded by ``--variants``, uint16 activations) checked on the CPU EP; the variants in
+``--htp`` also on the HTP simulator with CPU fallback disabled (2-3 s per image here).
 
-    .venv/bin/python benchmarks/npu_efficientnet.py
+Variants: ``nearest`` (round to nearest), ``nearest+bc`` (with bias correction), ``gptq``, ``gptq+bc``.
+
+    .venv/bin/python benchmarks/npu_efficientnet.py --json benchmarks/results/npu-efficientnet.json  # 104 + 104 crops
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
-from edgecompress.export.npu import image_classifier_onnx, write_npu_artifact
-from edgecompress.runtimes.qnn_htp import htp_session
+from edgecompress.export.npu import export_npu_image_classifier
 
+from edgecompress.artifact import write_manifest
+from edgecompress.check import classifier_metrics
+from edgecompress.images import image_crops
 from edgecompress.models import load_model
 
 
-def sample_images() -> list[tuple[str, np.ndarray]]:
-    try:
-        import skimage
-        import skimage.io
-    except ImportError:
-        raise SystemExit("this benchmark reads scikit-image's bundled sample images: pip install scikit-image") from None
-    d = Path(skimage.__file__).parent / "data"
-    out = []
-    for f in sorted(p for p in os.listdir(d) if p.endswith((".png", ".jpg"))):
-        im = skimage.io.imread(d / f)
-        im = np.stack([im] * 3, -1) if im.ndim == 2 else im[..., :3]
-        out.append((f, im))
-    return out
+def logits(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(torch.from_numpy(x[i:i + 16])) for i in range(0, len(x), 16)]).numpy()
 
 
-def crops(im: np.ndarray, n: int, rng: np.random.Generator, size: int = 224) -> list[np.ndarray]:
-    from skimage.transform import resize
-
-    h, w = im.shape[:2]
-    out = []
-    for _ in range(n):
-        s = int(min(h, w) * rng.uniform(0.6, 1.0))
-        y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-        c = resize(im[y:y + s, x:x + s], (size, size), anti_aliasing=True, preserve_range=True) / 255.0
-        if rng.random() < 0.5:
-            c = c[:, ::-1]
-        out.append(((c - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32))
-    return out
+def kl(ref: np.ndarray, out: np.ndarray) -> float:
+    def log_softmax(z):
+        z = z.astype(np.float64) - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+    lr, lo = log_softmax(ref), log_softmax(out)
+    return float((np.exp(lr) * (lr - lo)).sum(1).mean())
 
 
-def agreement(run, images, refs) -> dict:
-    t1 = t5 = 0
-    for x, r in zip(images, refs):
-        o = run(x)
-        t1 += int(o.argmax() == r.argmax())
-        t5 += int(r.argmax() in np.argsort(-o)[:5])
-    return {"top1_agreement": round(t1 / len(images), 4), "top5_agreement": round(t5 / len(images), 4)}
+def measure(runtime_name: str, art_path: Path, ev: np.ndarray, ref: np.ndarray) -> dict:
+    from edgecompress.runtimes import open_runtime
+
+    from edgecompress.artifact import Artifact
+
+    rt = open_runtime(runtime_name, Artifact.load(art_path))
+    t = time.perf_counter()
+    out = rt.classify(ev)
+    r = classifier_metrics(ref, out)
+    return {"top1_agreement": round(r["top1_agreement"], 4), "top5_agreement": round(r["top5_agreement"], 4),
+            "kl": round(kl(ref, out), 5), "s_per_image": round((time.perf_counter() - t) / len(ev), 3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.parse_args()
-    rng = np.random.default_rng(0)
-    files = sample_images()
-    cal = [c for _, im in files[0::2] for c in crops(im, 2, rng)]
-    ev = [c for _, im in files[1::2] for c in crops(im, 4, rng)]
-    model = load_model("efficientnet-lite0").model.eval()
-    with torch.no_grad():
-        refs = [model(torch.from_numpy(x)).numpy()[0] for x in ev]
-    probs = [np.sort(torch.softmax(torch.from_numpy(r), 0).numpy())[::-1] for r in refs]
-    res = {"calibration_images": len(cal), "eval_images": len(ev),
-           "fp32_top1_prob_median": round(float(np.median([p[0] for p in probs])), 3),
-           "fp32_margin_below_0.1": int(sum((p[0] - p[1]) < 0.1 for p in probs))}
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        body = write_npu_artifact(image_classifier_onnx(model), Path(tmp), [{"pixel_values": x} for x in cal],
-                                  static_shapes={})
-        res["export_s"] = round(time.perf_counter() - t, 1)
-        res["placement"] = body["npu"]["placement"]
-        res["weights"] = body["weights"]["params_by_format"]
-        cpu = ort.InferenceSession(str(Path(tmp) / "model.onnx"), providers=["CPUExecutionProvider"])
-        res["cpu_ep"] = agreement(lambda x: cpu.run(None, {"pixel_values": x})[0][0], ev, refs)
-        htp = htp_session(Path(tmp) / "model_ctx.onnx")
-        t = time.perf_counter()
-        res["htp"] = agreement(lambda x: htp.run(None, {"pixel_values": x})[0][0], ev, refs)
-        res["htp_s_per_image"] = round((time.perf_counter() - t) / len(ev), 2)
-        res["int16_weights"] = int16_weights(Path(tmp), image_classifier_onnx(model), cal, ev, refs)
-    print(json.dumps(res, indent=2))
-
-
-def int16_weights(tmp: Path, proto, cal, ev, refs) -> dict:
-    """The same preparation and QDQ rules with int16 instead of int8 per-channel Conv/Gemm weights."""
-    import onnx
-    from edgecompress.export.npu import prepare_for_npu
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
-
-    prepared, _ = prepare_for_npu(proto, {})
-    onnx.save(prepared, str(tmp / "w16_fp32.onnx"))
-    inits = {i.name for i in prepared.graph.initializer}
-    overrides = {n.input[1]: [{"axis": 0, "quant_type": QuantType.QInt16, "symmetric": True}]
-                 for n in prepared.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"pixel_values": x} for x in cal])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    cfg = get_qnn_qdq_config(str(tmp / "w16_fp32.onnx"), Reader(), activation_type=QuantType.QUInt16,
-                             weight_type=QuantType.QUInt8, init_overrides=overrides)
-    quantize(str(tmp / "w16_fp32.onnx"), str(tmp / "w16.onnx"), cfg)
-    cpu = ort.InferenceSession(str(tmp / "w16.onnx"), providers=["CPUExecutionProvider"])
-    out = {"cpu_ep": agreement(lambda x: cpu.run(None, {"pixel_values": x})[0][0], ev, refs)}
-    try:
-        htp_session(tmp / "w16.onnx")
-        out["htp"] = "loads"
-    except Exception as e:  # noqa: BLE001 - report why the HTP refuses it
-        out["htp"] = "refused: " + str(e).split("disabled: ")[-1][:200]
-    return out
+    ap.add_argument("--calib", type=int, default=104, help="calibration crops (skimage:calib)")
+    ap.add_argument("--eval", type=int, default=104, help="evaluation crops (skimage:eval)")
+    ap.add_argument("--variants", default="nearest,nearest+bc,gptq,gptq+bc", help="comma-separated; see the docstring")
+    ap.add_argument("--htp", default="gptq+bc", help="variants also run on the HTP ('' for none)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--model", default="efficientnet-lite0", help="model alias (tiny-efficientnet: a smoke run)")
+    ap.add_argument("--size", type=int, default=224, help="image size")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the rounding pass)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).model.eval()
+    cal = image_crops("skimage:calib", args.calib, args.size, mean=model.mean, std=model.std, seed=0)
+    ev = image_crops("skimage:eval", args.eval, args.size, mean=model.mean, std=model.std, seed=0)
+    ref = logits(model, ev)
+    self_check = classifier_metrics(ref, ref)
+    res = {"model": args.model, "calibration_images": len(cal), "eval_images": len(ev),
+           "fp32_margin_median": round(self_check["reference_margin_median"], 4), "variants": {}}
+    htp = [v for v in args.htp.split(",") if v]
+    for variant in args.variants.split(","):
+        method, _, bc = variant.partition("+")
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            body = export_npu_image_classifier(model, Path(tmp), cal, static_shapes={"batch_size": 1, "image_size": args.size},
+                                               rounding=method, bias_correction=bc == "bc")
+            write_manifest(Path(tmp), {"task": "image-classifier", **body})
+            row = {"export_s": round(time.perf_counter() - t, 1), "placement": body["npu"]["placement"],
+                   "weights": body["weights"]["params_by_format"],
+                   "mean_rel_output_error": body["npu"]["weight_rounding"]["mean_rel_output_error"],
+                   "bias_widened_channels": sum(v["channels"] for v in body["npu"]["bias_widened_channels"].values()),
+                   "bias_widened_max_change": max((v["max_change"] for v in body["npu"]["bias_widened_channels"].values()),
+                                                  default=0.0),
+                   "cpu_ep": measure("ort-cpu", Path(tmp), ev, ref)}
+            if variant in htp:
+                row["htp"] = measure("qnn-htp", Path(tmp), ev, ref)
+        res["variants"][variant] = row
+        print(variant, json.dumps(row), flush=True)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ def bench_artifact(artifact: Artifact, runtime: str = "ort-cpu", *, prompt_token
     rt = open_runtime(runtime, artifact, threads=threads)
     if artifact.task == "sentence-encoder":
         return _bench_encoder(artifact, rt, runtime, threads=threads, repeats=repeats, data=data)
+    if artifact.task == "image-classifier":
+        return _bench_classifier(artifact, rt, runtime, threads=threads, repeats=repeats, data=data)
     prompt = prompt_ids(artifact, prompt_tokens, data)
     rt.generate(prompt[: min(32, prompt_tokens)], 4)  # warm-up: allocations, kernel selection
     runs = [rt.generate(prompt, new_tokens) for _ in range(repeats)]
@@ -74,6 +76,28 @@ def bench_artifact(artifact: Artifact, runtime: str = "ort-cpu", *, prompt_token
         "size_mb": artifact.size_bytes / 1e6,
         "bits_per_weight": weights.get("bits_per_weight"),
     }
+
+
+def _bench_classifier(artifact: Artifact, rt: Any, runtime: str, *, threads: int | None, repeats: int, data: str,
+                      images: int = 8) -> dict[str, Any]:
+    """Images/s classifying ``images`` held-out crops one static batch at a time. ``data``: an image source
+    (a text source falls back to the recipe's check images, else ``skimage:eval``)."""
+    from .images import image_crops, is_image_source
+
+    if not is_image_source(data):
+        data = ((artifact.manifest.get("recipe") or {}).get("check") or {}).get("data") or "skimage:eval"
+    x = image_crops(data, images, rt.image_size)
+    rt.classify(x[: rt.batch_size])  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rt.classify(x)
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    return {"artifact": str(artifact.path), "runtime": runtime, "threads": threads, "repeats": repeats,
+            "data": data, "images": images, "images_s": images / sec, "peak_rss_mb": peak_rss_mb(),
+            "size_mb": artifact.size_bytes / 1e6,
+            "bits_per_weight": artifact.manifest.get("weights", {}).get("bits_per_weight")}
 
 
 def _bench_encoder(artifact: Artifact, rt: Any, runtime: str, *, threads: int | None, repeats: int, data: str,

@@ -3,7 +3,9 @@
 Causal LMs: perplexity, KL(reference || artifact) per token, and top-1 agreement, over
 fixed-length windows of held-out text (disjoint from calibration text). Sentence encoders:
 cosine of each held-out sentence's embedding to the reference's (mean and worst), and how
-often each sentence's nearest neighbour among the others is the same for both models.
+often each sentence's nearest neighbour among the others is the same for both models. Image
+classifiers: how often the artifact's top-1 class is the reference's (top-1 agreement) and how often the
+reference's top-1 class is in the artifact's top 5 (top-5 agreement), on held-out image crops.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import torch
 from .errors import CheckFailed, EdgeCompressError
 from .progress import track
 
-THRESHOLD_DIRECTIONS = {"perplexity_ratio": "max", "kl": "max", "top1_agreement": "min",
+THRESHOLD_DIRECTIONS = {"perplexity_ratio": "max", "kl": "max", "top1_agreement": "min", "top5_agreement": "min",
                         "cosine_mean": "min", "cosine_worst": "min", "neighbor_agreement": "min"}
 TASK_METRICS = {"causal-lm": ("perplexity_ratio", "kl", "top1_agreement"),
-                "sentence-encoder": ("cosine_mean", "cosine_worst", "neighbor_agreement")}
+                "sentence-encoder": ("cosine_mean", "cosine_worst", "neighbor_agreement"),
+                "image-classifier": ("top1_agreement", "top5_agreement")}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -142,17 +145,52 @@ def check_sentence_encoder(embed_fn: Callable[[np.ndarray, np.ndarray], np.ndarr
     return encoder_metrics(np.concatenate(refs), np.concatenate(embs))
 
 
+def classifier_metrics(ref: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Top-1 / top-5 agreement of ``logits [N, C]`` with the reference's ``ref [N, C]`` (same images), and the
+    reference's median top-1 - top-2 softmax margin (how fragile argmax agreement is on these images)."""
+    if ref.shape != logits.shape:
+        raise ValueError(f"logit shapes differ: {ref.shape} vs {logits.shape}")
+    top = ref.argmax(1)
+    top5 = np.argsort(-logits, 1)[:, :5]
+    p = np.exp(_log_softmax(ref))
+    p.sort(1)
+    return {"top1_agreement": float((logits.argmax(1) == top).mean()),
+            "top5_agreement": float((top5 == top[:, None]).any(1).mean()),
+            "images": len(ref), "reference_margin_median": float(np.median(p[:, -1] - p[:, -2]))}
+
+
+def check_image_classifier(classify_fn: Callable[[np.ndarray], np.ndarray], reference: torch.nn.Module,
+                           images: np.ndarray, *, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
+    """Compare ``classify_fn(images) -> logits`` (the artifact) with the reference classifier."""
+    refs, outs = [], []
+    for i in track(range(0, len(images), batch_size), -(-len(images) // batch_size), "checking", progress):
+        x = images[i:i + batch_size]
+        with torch.no_grad():
+            refs.append(reference(torch.from_numpy(x)).float().numpy())
+        outs.append(classify_fn(x))
+    return classifier_metrics(np.concatenate(refs), np.concatenate(outs))
+
+
 def evaluate(rt: Any, task: str, reference: torch.nn.Module, tokenizer: Any, data: str, *, seq_len: int,
              windows: int, progress: bool = False) -> dict[str, float]:
     """The task's metrics of runtime ``rt`` against ``reference`` on held-out ``data``: ``windows``
     windows of ``seq_len`` tokens (causal LMs) or ``windows`` sentences of at most ``seq_len``
-    tokens, in batches of 16 (sentence encoders)."""
+    tokens, in batches of 16 (sentence encoders), or ``windows`` crops of held-out images at the artifact's
+    static size (image classifiers; ``tokenizer`` and ``seq_len`` unused)."""
     from .data import load_text, sentence_batches, token_windows
 
     if task == "sentence-encoder":
         batches = sentence_batches(tokenizer, data, windows, max_len=seq_len, batch_size=16)
         return check_sentence_encoder(rt.embed, reference, batches, progress=progress)
+    if task == "image-classifier":
+        from .images import image_crops, is_image_source
+
+        if not is_image_source(data):
+            raise EdgeCompressError(f"image classifiers are checked on images, and {data!r} is text",
+                                    hint="check data: skimage:eval or a folder of images")
+        images = image_crops(data, windows, rt.image_size, mean=reference.mean, std=reference.std)
+        return check_image_classifier(rt.classify, reference, images, progress=progress)
     if task == "causal-lm":
         rows = token_windows(tokenizer, load_text(data), seq_len, windows, seed=0)
         return check_causal_lm(rt.logits, reference, rows, progress=progress)
-    raise EdgeCompressError(f"no accuracy check for {task} models yet", hint="checks cover causal-lm and sentence-encoder")
+    raise EdgeCompressError(f"no accuracy check for {task} models yet", hint="checks cover causal-lm, sentence-encoder and image-classifier")

@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="accuracy of an artifact on a runtime vs the uncompressed model")
     p.add_argument("artifact", type=Path, help="artifact folder (holds manifest.json)")
     _add_runtime(p)
-    p.add_argument("--data", default="pydoc:eval", help="held-out text: a .txt/.jsonl file or pydoc:eval (default)")
+    p.add_argument("--data", default=None, help="held-out text: a .txt/.jsonl file or pydoc:eval (default); images: "
+                   "skimage:eval or a folder (default for image classifiers: the recipe's check data)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the recipe's, else 512)")
-    p.add_argument("--windows", type=int, default=None, help="number of windows (default: the recipe's, else 8)")
+    p.add_argument("--windows", type=int, default=None, help="number of windows or images (default: the recipe's, else 8)")
     p.add_argument("--threshold", action="append", default=[], metavar="KEY=VALUE",
                    help="perplexity_ratio=MAX, kl=MAX or top1_agreement=MIN (default: the recipe's)")
     p.add_argument("--reference", default=None, help="reference model (default: the source in the manifest)")
@@ -153,13 +154,16 @@ def cmd_check(args) -> int:
     recipe_check = (art.manifest.get("recipe") or {}).get("check") or {}
     seq_len = args.seq_len or recipe_check.get("seq_len", 512)
     n = args.windows or recipe_check.get("windows", 8)
+    if args.data is None:
+        args.data = recipe_check.get("data", "skimage:eval") if art.task == "image-classifier" else "pydoc:eval"
     thresholds = dict(recipe_check.get("thresholds") or {})
     thresholds.update(_parse_thresholds(args.threshold))
     ref_spec = args.reference or art.manifest["model"]["spec"]
     console.log(f"reference: {ref_spec}")
     reference = load_model(ref_spec, allow_code=False).model
     rt = open_runtime(args.runtime, art, threads=args.threads)
-    metrics = evaluate(rt, art.task, reference, art.tokenizer(), args.data, seq_len=seq_len, windows=n,
+    tok = None if art.task == "image-classifier" else art.tokenizer()
+    metrics = evaluate(rt, art.task, reference, tok, args.data, seq_len=seq_len, windows=n,
                        progress=enabled_by_default())
     result = apply_thresholds(metrics, thresholds)
     out = {"artifact": str(art.path), "runtime": args.runtime, "data": args.data, "seq_len": seq_len,

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -255,6 +256,23 @@ def calibration_windows(task: str, tok: Any, cal: Any) -> torch.Tensor | list[di
     return token_windows(tok, load_text(cal.data), cal.seq_len, cal.samples, seed=cal.seed)
 
 
+def calibration_images(model: nn.Module, recipe: Recipe) -> np.ndarray:
+    """Image classifiers: ``calibration.samples`` normalised crops ``[n, 3, S, S]`` of ``calibration.data``, S the
+    npu-qnn export's ``image_size`` (the model's nominal size when no export fixes one)."""
+    from .images import image_crops, is_image_source
+
+    cal = recipe.calibration
+    if not is_image_source(cal.data):
+        raise EdgeCompressError(f"{recipe.model.source} is an image classifier, and calibration data {cal.data!r} "
+                                "is text", hint="calibration.data: skimage:calib or a folder of images")
+    sizes = {e.static_shapes["image_size"] for e in recipe.export if e.static_shapes and "image_size" in e.static_shapes}
+    if len(sizes) > 1:
+        raise EdgeCompressError(f"the exports fix different image sizes {sorted(sizes)}; calibration crops have one",
+                                hint="use one image_size per recipe")
+    size = sizes.pop() if sizes else int(getattr(model, "input_size", 224))
+    return image_crops(cal.data, cal.samples, size, mean=model.mean, std=model.std, seed=cal.seed)
+
+
 def calibration_summary(store: StatsStore, windows: torch.Tensor | list, source: str, reused: bool) -> dict[str, Any]:
     layers = {}
     for name in sorted(store.modules("minmax")):
@@ -275,8 +293,9 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
                   calibration: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Write one artifact folder (model files, HF files, manifest) into ``dest``.
 
-    ``calibration``: the recipe's calibration batches, for the activation ranges of an NPU target."""
-    from edgecompress.export.npu import export_npu_encoder
+    ``calibration``: the recipe's calibration batches (images ``[1, 3, S, S]`` for image classifiers), for the
+    activation ranges (and weight rounding) of an NPU target."""
+    from edgecompress.export.npu import export_npu_encoder, export_npu_image_classifier
     from edgecompress.export.onnx_export import export_causal_lm, export_sentence_encoder
 
     if spec.format == "tvm":  # the ONNX decoder first (a hidden sibling folder), then compiled
@@ -293,14 +312,25 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
         finally:
             shutil.rmtree(onnx_dir, ignore_errors=True)
     npu = spec.target == "npu-qnn"
-    if npu and loaded.task != "sentence-encoder":
-        raise EdgeCompressError(f"the npu-qnn target exports sentence encoders in this release, not {loaded.task}",
+    if npu and loaded.task not in ("sentence-encoder", "image-classifier"):
+        raise EdgeCompressError(f"the npu-qnn target exports sentence encoders and image classifiers in this "
+                                f"release, not {loaded.task}",
                                 hint="export causal LMs for the cpu target (the NPU prefill/decode pair is not built yet)")
     exporters = {"causal-lm": export_causal_lm, "sentence-encoder": export_sentence_encoder}
-    if loaded.task not in exporters:
-        raise EdgeCompressError(f"ONNX export of {loaded.task} models is not implemented yet",
+    if not npu and loaded.task not in exporters:
+        raise EdgeCompressError(f"ONNX export of {loaded.task} models for the cpu target is not implemented yet",
                                 hint="this release exports causal LMs (smollm2-135m, tiny-llama) and sentence "
-                                "encoders (minilm-l6, tiny-bert)")
+                                "encoders (minilm-l6, tiny-bert); image classifiers for target npu-qnn")
+    if loaded.task == "image-classifier":
+        from edgecompress.compress.quant.conv_rounding import weighted_layers
+
+        dest.mkdir(parents=True)
+        with ticker(len(weighted_layers(model)), f"rounding weights and exporting {spec.name} for the NPU",
+                    progress) as advance:
+            body = export_npu_image_classifier(model, dest, calibration, static_shapes=spec.static_shapes,
+                                               activations=spec.npu_activations, rounding=spec.npu_rounding,
+                                               bias_correction=spec.npu_bias_correction, progress=advance)
+        return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
     dest.mkdir(parents=True)
     n_layers = model.config.num_hidden_layers
     with ticker(n_layers, f"exporting {spec.name}{' for the NPU' if npu else ''}", progress) as advance:
@@ -359,7 +389,12 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     console.log(f"loading model [bold]{recipe.model.source}[/]")
     loaded = load_model(recipe.model.source, allow_code=recipe.model.allow_code, cache_dir=cache_dir)
     model, tok = loaded.model, loaded.tokenizer
-    if tok is None:
+    images = loaded.task == "image-classifier"
+    if images and recipe.steps:
+        raise EdgeCompressError(f"{recipe.model.source} is an image classifier: the recipe's steps are for language "
+                                "models", hint="drop the steps; the npu-qnn export quantizes image classifiers itself "
+                                "(npu_rounding, npu_bias_correction)")
+    if tok is None and not images:
         raise EdgeCompressError(f"{recipe.model.source} has no tokenizer; text calibration needs one")
     needs_reference = recipe.check is not None or any(e.reference for e in recipe.export)
     needs_reference = needs_reference or any(s.step_type == "lowrank" for s in recipe.steps)
@@ -368,12 +403,17 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
 
     t = time.perf_counter()
     cal = recipe.calibration
-    windows = calibration_windows(loaded.task, tok, cal)
-    console.log(f"calibrating on {len(windows)} {'sentences' if loaded.task == 'sentence-encoder' else 'windows'} "
-                f"of at most {cal.seq_len} tokens of {cal.data}")
-    store, reused = calibration_store(model, windows[:SUMMARY_WINDOWS], SUMMARY_REQUESTS, progress=progress,
-                                      cache_dir=cache_dir, batch_size=cal.batch_size)
-    summary = calibration_summary(store, windows, cal.data, reused)
+    if images:
+        windows = calibration_images(model, recipe)
+        console.log(f"calibrating on {len(windows)} {windows.shape[-1]}px crops of {cal.data}")
+        summary = {"data": cal.data, "images": len(windows), "image_size": int(windows.shape[-1]), "seed": cal.seed}
+    else:
+        windows = calibration_windows(loaded.task, tok, cal)
+        console.log(f"calibrating on {len(windows)} {'sentences' if loaded.task == 'sentence-encoder' else 'windows'} "
+                    f"of at most {cal.seq_len} tokens of {cal.data}")
+        store, reused = calibration_store(model, windows[:SUMMARY_WINDOWS], SUMMARY_REQUESTS, progress=progress,
+                                          cache_dir=cache_dir, batch_size=cal.batch_size)
+        summary = calibration_summary(store, windows, cal.data, reused)
     timings["calibrate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -399,7 +439,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
             src = reference if spec.reference else model
             manifest = {**base_manifest, "steps": [] if spec.reference else steps}
             m = export_target(src, loaded, tmp / spec.name, spec, manifest, progress=progress,
-                              calibration=windows if loaded.task == "sentence-encoder" else None)
+                              calibration=windows if loaded.task != "causal-lm" else None)
             report["exports"][spec.name] = {"size_mb": m["size_bytes"] / 1e6, **m["weights"],
                                             "op_counts": (m.get("onnx") or m["onnx_source"])["op_counts"], "reference": spec.reference}
         timings["export_s"] = time.perf_counter() - t

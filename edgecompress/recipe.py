@@ -53,6 +53,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from edgecompress.runtimes import RUNTIMES
 
 from .errors import RecipeError
+from .images import is_image_source
 
 __all__ = [
     "STEP_TYPES",
@@ -153,15 +154,16 @@ def _listify(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-_DATA_RE = re.compile(r"pydoc:[a-z0-9_]+")
+_DATA_RE = re.compile(r"pydoc:[a-z0-9_]+")  # skimage:* and folders: images.is_image_source
 
 
 def _check_data(value: str) -> str:
-    if _DATA_RE.fullmatch(value) or value.lower().endswith((".txt", ".jsonl")):
+    if _DATA_RE.fullmatch(value) or value.lower().endswith((".txt", ".jsonl")) or is_image_source(value):
         return value
     raise PydanticCustomError(
         "data_error",
-        "{value} is not a data source: use 'pydoc:calib', 'pydoc:eval' or a path to a .txt or .jsonl file",
+        "{value} is not a data source: use 'pydoc:calib', 'pydoc:eval' or a path to a .txt or .jsonl file "
+        "(text); 'skimage:calib', 'skimage:eval' or a folder of images (image classifiers)",
         {"value": _show(value)},
     )
 
@@ -191,6 +193,7 @@ ScaleDtype = _choice("float16", "float32")
 ExportFormat = _choice("onnx", "tvm")
 ExportTarget = _choice("cpu", "npu-qnn", "llvm")
 NpuActivations = _choice("uint16", "uint8")
+NpuRounding = _choice("gptq", "nearest")
 AccuracyLevel = _choice(0, 1, 2, 3, 4)
 Runtime = _choice(*RUNTIMES)  # the runtime registry is the one list of names
 
@@ -244,7 +247,8 @@ class CalibrationSpec(BaseModel):
 
     data: DataSource = Field(
         "pydoc:calib",
-        description="Calibration text: 'pydoc:calib' (built-in Python documentation) or a path to a .txt/.jsonl file.",
+        description="Calibration text: 'pydoc:calib' (built-in Python documentation) or a path to a .txt/.jsonl file; "
+        "images: 'skimage:calib' or a folder of images.",
     )
     samples: StrictInt = Field(32, ge=1, description="Number of calibration sequences (sentences for encoders).")
     seq_len: StrictInt = Field(512, ge=8, description="Tokens per calibration sequence (max per sentence for encoders).")
@@ -851,8 +855,8 @@ class ExportSpec(BaseModel):
     target: ExportTarget = Field(
         "cpu",
         description="Hardware the export is built for: cpu, or npu-qnn (Qualcomm HTP through onnxruntime-qnn: "
-        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders); "
-        "format tvm: llvm (the default; TVM's old string form 'llvm -mcpu=NAME' is translated).",
+        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders and image "
+        "classifiers); format tvm: llvm (the default; TVM's old string form 'llvm -mcpu=NAME' is translated).",
     )
     mcpu: StrictStr | None = Field(
         None, min_length=1,
@@ -861,11 +865,18 @@ class ExportSpec(BaseModel):
     )
     static_shapes: dict[str, StrictInt] | None = Field(
         None,
-        description="npu-qnn: the value of every symbolic input dimension, e.g. {batch_size: 1, sequence_length: 64}.",
+        description="npu-qnn: the value of every symbolic input dimension, e.g. {batch_size: 1, sequence_length: 64}; "
+        "image classifiers: {batch_size: 1, image_size: 224}.",
     )
     npu_activations: NpuActivations = Field(
         "uint16", description="npu-qnn: activation type of the QDQ graph, uint16 or uint8."
     )
+    npu_rounding: NpuRounding = Field(
+        "gptq", description="npu-qnn, image classifiers: how Conv/Linear weights reach their int8 per-channel grid: "
+        "gptq (error feedback on calibration images) or nearest.")
+    npu_bias_correction: StrictBool = Field(
+        True, description="npu-qnn, image classifiers: subtract the mean output shift the rounded weights cause on "
+        "calibration images from each layer's bias.")
     accuracy_level: AccuracyLevel = Field(
         4,
         description="MatMulNBits accuracy_level, 0-4 (4 = int8 activations in the matmul on CPU).",
@@ -918,12 +929,15 @@ class ExportSpec(BaseModel):
     @model_validator(mode="after")
     def _npu_needs_static_shapes(self) -> ExportSpec:
         if self.target == "npu-qnn":
-            missing = [d for d in ("batch_size", "sequence_length") if d not in (self.static_shapes or {})]
+            shapes = self.static_shapes or {}
+            missing = [d for d in ("batch_size",) if d not in shapes]
+            if not {"sequence_length", "image_size"} & set(shapes):
+                missing.append("sequence_length (text) or image_size (images)")
             if missing:
                 raise _located_error(
                     ("static_shapes",), self.static_shapes, "npu_static_shapes",
                     "target npu-qnn needs static shapes; missing dimension(s): {missing} "
-                    "(e.g. static_shapes with batch_size: 1 and sequence_length: 64)",
+                    "(e.g. static_shapes with batch_size: 1 and sequence_length: 64, or image_size: 224)",
                     {"missing": ", ".join(missing)},
                 )
             bad = {k: v for k, v in self.static_shapes.items() if v < 1}
@@ -949,7 +963,8 @@ class Thresholds(BaseModel):
         None, ge=0, description="Max mean KL divergence of the next-token distributions (reference || compressed)."
     )
     top1_agreement: StrictFloat | None = Field(
-        None, ge=0, le=1, description="Min fraction of positions where both models' top-1 token agree."
+        None, ge=0, le=1, description="Min fraction of positions (causal LMs) or images (image classifiers) where "
+        "both models' top-1 agree."
     )
     cosine_mean: StrictFloat | None = Field(
         None, ge=-1, le=1, description="Sentence encoders: min mean cosine of the embeddings to the reference's."
@@ -957,6 +972,9 @@ class Thresholds(BaseModel):
     cosine_worst: StrictFloat | None = Field(
         None, ge=-1, le=1, description="Sentence encoders: min cosine of the worst sentence."
     )
+    top5_agreement: StrictFloat | None = Field(
+        None, ge=0, le=1, description="Image classifiers: min fraction of images whose reference top-1 class is "
+        "in the compressed model's top 5.")
     neighbor_agreement: StrictFloat | None = Field(
         None, ge=0, le=1, description="Sentence encoders: min fraction of sentences whose nearest neighbour "
         "(among the evaluated ones) is the reference's.")
@@ -972,7 +990,8 @@ class CheckSpec(BaseModel):
         None, description="Name of the export target to check; default: the first non-reference one."
     )
     data: DataSource = Field(
-        "pydoc:eval", description="Evaluation text: 'pydoc:eval' or a path to a .txt/.jsonl file."
+        "pydoc:eval", description="Evaluation text: 'pydoc:eval' or a path to a .txt/.jsonl file; images: "
+        "'skimage:eval' or a folder of images."
     )
     seq_len: StrictInt = Field(512, ge=8, description="Tokens per evaluation window (max tokens per sentence for encoders).")
     windows: StrictInt = Field(8, ge=1, description="Number of evaluation windows (sentences for encoders).")
@@ -1039,6 +1058,22 @@ class Recipe(BaseModel):
         if problems:
             raise ValidationError.from_exception_data("ExportSpec", problems)
         return named
+
+    @field_validator("export")
+    @classmethod
+    def _npu_shapes_fit_data(cls, exports: tuple[ExportSpec, ...], info: ValidationInfo) -> tuple[ExportSpec, ...]:
+        cal: CalibrationSpec | None = info.data.get("calibration")
+        if cal is None:
+            return exports
+        need = "image_size" if is_image_source(cal.data) else "sequence_length"
+        problems = [_detail((i, "static_shapes"), e.static_shapes, "npu_static_shapes",
+                            "target npu-qnn needs static shapes; missing dimension(s): {missing} (calibration data "
+                            "{data} is {kind})", {"missing": need, "data": _show(cal.data),
+                                                 "kind": "images" if need == "image_size" else "text"})
+                    for i, e in enumerate(exports) if e.target == "npu-qnn" and need not in (e.static_shapes or {})]
+        if problems:
+            raise ValidationError.from_exception_data("ExportSpec", problems)
+        return exports
 
     @field_validator("check")
     @classmethod

@@ -45,6 +45,9 @@ def print_report(report: dict[str, Any]) -> None:
             what = (f"{c['sentences']} held-out sentences of {c['data']}): embedding cosine mean "
                     f"{c['cosine_mean']:.5f}, worst {c['cosine_worst']:.5f}, nearest-neighbour agreement "
                     f"{c.get('neighbor_agreement', float('nan')):.4f}")
+        elif "images" in c:
+            what = (f"{c['images']} held-out images of {c['data']}): top-1 agreement {c['top1_agreement']:.4f}, "
+                    f"top-5 agreement {c['top5_agreement']:.4f}")
         else:
             what = (f"{c['tokens']} held-out tokens of {c['data']}): perplexity {c['perplexity']:.3f} vs "
                     f"{c['reference_perplexity']:.3f} (ratio {c['perplexity_ratio']:.4f}), KL {c['kl']:.4f}, "

@@ -322,9 +322,12 @@ def prepare_for_npu(model: onnx.ModelProto, dims: Mapping[str, int]) -> tuple[on
 # ----------------------------------------------------------------------------- QDQ
 
 def quantize_for_qnn(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
-                     activations: str = "uint16") -> onnx.ModelProto:
+                     activations: str = "uint16",
+                     weight_scales: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """QDQ ``model`` for QNN HTP: calibrated ``activations`` (uint16 | uint8), int8 per-channel
-    MatMul/Gemm/Conv weights, uint8 other constants. ``feeds``: calibration inputs with the static shapes."""
+    MatMul/Gemm/Conv weights, uint8 other constants. ``feeds``: calibration inputs with the static shapes.
+    ``weight_scales``: per-output-channel scales of weights already rounded to their int8 grid
+    (:mod:`~edgecompress.compress.quant.conv_rounding`), used as given instead of ``max|W_c| / 127``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -347,6 +350,10 @@ def quantize_for_qnn(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
             trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
             axis = 1 if n.op_type == "MatMul" or (n.op_type == "Gemm" and not trans_b) else 0
             overrides[n.input[1]] = [{"axis": axis, "quant_type": QuantType.QInt8, "symmetric": True}]
+            if weight_scales is not None and n.input[1] in weight_scales:
+                overrides[n.input[1]] = [{"axis": axis, "quant_type": QuantType.QInt8,
+                                          "scale": np.float32(sc), "zero_point": np.int8(0)}
+                                         for sc in np.asarray(weight_scales[n.input[1]], np.float32)]
     for n in model.graph.node:  # lookup tables (embeddings): 8-bit like the other weights, not activation-typed
         if n.op_type == "Gather" and n.input[0] in inits:
             overrides[n.input[0]] = [{"quant_type": QuantType.QUInt8}]
@@ -448,10 +455,80 @@ def image_classifier_onnx(model, *, batch: int = 1, size: int = 224) -> onnx.Mod
     return onnx.load_from_string(buf.getvalue())
 
 
+def export_npu_image_classifier(model, dest: Path, images: np.ndarray, *, static_shapes: Mapping[str, int],
+                                activations: str = "uint16", rounding: str = "gptq", bias_correction: bool = True,
+                                progress=None) -> dict:
+    """Write a static QDQ image-classifier NPU artifact body into ``dest`` (``pixel_values [batch, 3, size,
+    size]`` -> ``logits``). BatchNorm is folded in torch, every Conv/Linear weight is rounded to its int8
+    per-channel grid on the calibration ``images`` (``rounding`` nearest | gptq, optional bias correction:
+    :mod:`~edgecompress.compress.quant.conv_rounding`), then the graph is exported with exactly those codes
+    and uint16/uint8 activations calibrated on the same images (``images``: normalised ``[N, 3, size, size]``).
+    Returns manifest fields."""
+    import torch
+
+    from edgecompress.compress.quant.conv_rounding import ConvRoundingConfig, round_conv_weights
+    from edgecompress.efficientnet import EfficientNetLite, fold_batchnorm
+
+    missing = [d for d in ("batch_size", "image_size") if d not in static_shapes]
+    if missing:
+        raise NpuExportError(f"the NPU needs static shapes, and the image classifier's {', '.join(missing)} has no value",
+                             hint="add it to the export's static_shapes, e.g. static_shapes: {batch_size: 1, "
+                             "image_size: 224}")
+    if not isinstance(model, EfficientNetLite):
+        raise NpuExportError(f"the npu-qnn export of image classifiers supports EfficientNet-Lite, not "
+                             f"{type(model).__name__}")
+    batch, size = int(static_shapes["batch_size"]), int(static_shapes["image_size"])
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[1:] != (3, size, size) or len(images) < batch:
+        raise NpuExportError(f"the NPU export needs at least {batch} calibration images [3, {size}, {size}], got "
+                             f"{list(images.shape)}", hint="set calibration.samples")
+    folded = fold_batchnorm(model)
+    x = torch.from_numpy(images)
+    scales, records = round_conv_weights(folded, x, ConvRoundingConfig(method=rounding, bias_correction=bias_correction),
+                                         progress=progress)
+    proto = image_classifier_onnx(folded, batch=batch, size=size)
+    feeds = [{"pixel_values": x[i:i + batch].numpy()} for i in range(0, len(x) - batch + 1, batch)]
+    body = write_npu_artifact(proto, dest, feeds, static_shapes=static_shapes, activations=activations,
+                              weight_scales={k: v.numpy() for k, v in scales.items()},
+                              rounded_weights={k: folded.state_dict()[k].numpy() for k in scales})
+    errs = [r["rel_error_corrected" if bias_correction else "rel_error"] for r in records if "rel_error" in r]
+    body["npu"]["weight_rounding"] = {"method": rounding, "bias_correction": bias_correction,
+                                      "calibration_images": len(x), "layers": len(records),
+                                      "mean_rel_output_error": round(float(np.mean(errs)), 6) if errs else None,
+                                      "per_layer": records}
+    return body
+
+
+def _off_grid(qdq: onnx.ModelProto, rounded: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """Weights of ``rounded`` whose dequantized QDQ form differs from the array given: ``{name: {"channels":
+    how many output channels moved, "max_change": largest |change| / max|W|}}`` (a missing weight: all)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    dqs = {n.input[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    off = {}
+    for name, w in rounded.items():
+        dq = dqs.get(name + "_quantized")
+        if dq is None:
+            off[name] = {"channels": int(w.shape[0]), "max_change": None}
+            continue
+        q, sc = inits[dq.input[0]].astype(np.float64), inits[dq.input[1]].astype(np.float64)
+        sc = sc.reshape(-1, *([1] * (q.ndim - 1))) if sc.ndim == 1 else sc
+        diff = np.abs(q * sc - w).reshape(len(w), -1).max(1)
+        top = float(np.abs(w).max() or 1.0)
+        moved = diff > 1e-6 * top
+        if moved.any():
+            off[name] = {"channels": int(moved.sum()), "max_change": float(diff.max() / top)}
+    return off
+
+
 def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str, np.ndarray]], *,
-                       static_shapes: Mapping[str, int], activations: str = "uint16") -> dict:
+                       static_shapes: Mapping[str, int], activations: str = "uint16",
+                       weight_scales: Mapping[str, np.ndarray] | None = None,
+                       rounded_weights: Mapping[str, np.ndarray] | None = None) -> dict:
     """Prepare (static shapes, rewrites, op check), QDQ-quantize on ``feeds`` and write ``dest/model.onnx``
-    (+ the compiled HTP context when onnxruntime-qnn is installed). Returns manifest fields."""
+    (+ the compiled HTP context when onnxruntime-qnn is installed). Returns manifest fields.
+
+    ``weight_scales`` / ``rounded_weights``: weights already on their int8 grid and its scales; the QDQ
+    model must reproduce them exactly (checked: an :class:`NpuExportError` names any that moved)."""
     from edgecompress.runtimes.qnn_htp import (
         CONTEXT_FILE,
         htp_session,
@@ -462,16 +539,31 @@ def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str,
     from .onnx_export import MODEL_FILE
 
     proto, rewrites = prepare_for_npu(proto, static_shapes)
-    qdq = quantize_for_qnn(proto, feeds, activations=activations)
+    qdq = quantize_for_qnn(proto, feeds, activations=activations, weight_scales=weight_scales)
+    off: dict[str, dict] = {}
+    if rounded_weights:
+        # ONNX Runtime widens a channel's weight scale when its bias would overflow int32 at input scale x
+        # weight scale (a near-dead channel: tiny weights, large folded bias); those channels are re-rounded
+        # on the wider grid, a change far below the layer's own step. Anything larger is a bug.
+        off = _off_grid(qdq, rounded_weights)
+        big = {k: v for k, v in off.items() if v["max_change"] is None or v["max_change"] > 1e-2}
+        if big:
+            raise NpuExportError(f"{len(big)} rounded weight(s) changed in the QDQ model: {', '.join(list(big)[:4])}",
+                                 hint="report this model: the exporter did not keep the codes it was given")
+        if off:
+            log.info("ONNX Runtime widened the int8 scale of %d near-dead channel(s) in %d layer(s) for their int32 "
+                     "bias", sum(v["channels"] for v in off.values()), len(off))
     onnx.save(qdq, str(dest / MODEL_FILE))
     ops: dict[str, int] = {}
     for node in qdq.graph.node:
         key = f"{node.domain + '::' if node.domain else ''}{node.op_type}"
         ops[key] = ops.get(key, 0) + 1
     npu = {"target": "qnn-htp", "static_shapes": dict(static_shapes), "activations": activations,
+           "inputs": {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in qdq.graph.input},
            "weights": "int8 symmetric per output channel (MatMul/Gemm/Conv); uint8 per tensor (embedding tables, "
                       "other constants)",
            "calibration_feeds": len(feeds), "rewrites": rewrites, "onnxruntime_qnn": qnn_version(),
+           **({"bias_widened_channels": off} if rounded_weights else {}),
            "context": None, "placement": None}
     if npu["onnxruntime_qnn"] is not None:
         session = htp_session(dest / MODEL_FILE, profile=True, context_out=dest / CONTEXT_FILE)

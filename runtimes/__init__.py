@@ -5,13 +5,15 @@ from __future__ import annotations
 from edgecompress.artifact import Artifact
 from edgecompress.errors import EdgeCompressError
 
-from .base import EncoderRuntime, Generation, Runtime
+from .base import ClassifierRuntime, EncoderRuntime, Generation, Runtime
 
 # runtime name -> {artifact task: "module:class"}
 RUNTIMES = {
     "ort-cpu": {"causal-lm": "edgecompress.runtimes.ort_cpu:OrtCpuRuntime",
-                "sentence-encoder": "edgecompress.runtimes.ort_cpu:OrtCpuEncoder"},
-    "qnn-htp": {"sentence-encoder": "edgecompress.runtimes.qnn_htp:QnnHtpEncoder"},
+                "sentence-encoder": "edgecompress.runtimes.ort_cpu:OrtCpuEncoder",
+                "image-classifier": "edgecompress.runtimes.ort_cpu:OrtCpuClassifier"},
+    "qnn-htp": {"sentence-encoder": "edgecompress.runtimes.qnn_htp:QnnHtpEncoder",
+                "image-classifier": "edgecompress.runtimes.qnn_htp:QnnHtpClassifier"},
     "torch": {"causal-lm": "edgecompress.runtimes.torch_ref:TorchRuntime"},
     "tvm-cpu": {"causal-lm": "edgecompress.runtimes.tvm_cpu:TvmCpuRuntime"},
 }
@@ -19,7 +21,8 @@ RUNTIMES = {
 NATIVE = {"tvm": ("tvm-cpu",)}
 
 
-def open_runtime(name: str, artifact: Artifact, *, threads: int | None = None) -> Runtime | EncoderRuntime:
+def open_runtime(name: str, artifact: Artifact, *,
+                 threads: int | None = None) -> Runtime | EncoderRuntime | ClassifierRuntime:
     """Instantiate runtime ``name`` on ``artifact`` (imports only the backend asked for)."""
     import importlib
 
@@ -38,4 +41,4 @@ def open_runtime(name: str, artifact: Artifact, *, threads: int | None = None) -
     return getattr(importlib.import_module(module), cls)(artifact, threads=threads)
 
 
-__all__ = ["RUNTIMES", "EncoderRuntime", "Generation", "Runtime", "open_runtime"]
+__all__ = ["RUNTIMES", "ClassifierRuntime", "EncoderRuntime", "Generation", "Runtime", "open_runtime"]

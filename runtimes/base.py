@@ -1,5 +1,6 @@
 """The interfaces runtimes implement, one per artifact task: :class:`Runtime` (causal LMs: logits and
-generation) and :class:`EncoderRuntime` (sentence encoders: embeddings)."""
+generation), :class:`EncoderRuntime` (sentence encoders: embeddings) and :class:`ClassifierRuntime` (image
+classifiers: logits of a batch of images)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,44 @@ class EncoderRuntime(ABC):
     @abstractmethod
     def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Sentence embeddings ``[B, H]`` (float32) for token ids and mask ``[B, S]``."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class ClassifierRuntime(ABC):
+    """Runs a static image-classifier artifact (``pixel_values [b, 3, S, S]`` -> ``logits``)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None):
+        self.artifact = artifact
+        self.threads = threads
+        shapes = (artifact.manifest.get("npu") or {}).get("static_shapes") or {}
+        if "image_size" not in shapes:
+            raise EdgeCompressError(f"{artifact.path} has no static image size in its manifest",
+                                    hint="export image classifiers with target npu-qnn and static_shapes.image_size")
+        self.batch_size, self.image_size = int(shapes["batch_size"]), int(shapes["image_size"])
+
+    @abstractmethod
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Logits for exactly ``batch_size`` images."""
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """Logits ``[N, classes]`` (float32) for normalised images ``[N, 3, S, S]``, in chunks of the static
+        batch (the last one padded with copies of its last image, whose outputs are dropped)."""
+        x = np.asarray(images, np.float32)
+        if x.shape[1:] != (3, self.image_size, self.image_size):
+            raise EdgeCompressError(f"images of shape {tuple(x.shape[1:])} do not fit the artifact's static "
+                                    f"[3, {self.image_size}, {self.image_size}]")
+        b, outs = self.batch_size, []
+        for i in range(0, len(x), b):
+            chunk = x[i:i + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - n, 0)])
+            outs.append(self._run(np.ascontiguousarray(chunk))[:n])
+        return np.concatenate(outs)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

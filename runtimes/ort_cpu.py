@@ -16,7 +16,7 @@ import onnxruntime as ort
 from edgecompress.artifact import Artifact
 from edgecompress.errors import ArtifactError
 
-from .base import EncoderRuntime, Generation, Runtime, Timer, run_static, static_shape
+from .base import ClassifierRuntime, EncoderRuntime, Generation, Runtime, Timer, run_static, static_shape
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,19 @@ class OrtCpuEncoder(EncoderRuntime):
                               input_ids, attention_mask)
         feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64)}
         return self.session.run(["sentence_embedding"], feeds)[0]
+
+
+class OrtCpuClassifier(ClassifierRuntime):
+    """A static image-classifier artifact (the NPU's QDQ graph) on ONNX Runtime CPU."""
+
+    name = "ort-cpu"
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None):
+        super().__init__(artifact, threads=threads)
+        self.session = open_session(artifact, threads)
+
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"pixel_values": pixel_values})[0]
 
 
 class OrtCpuRuntime(Runtime):

@@ -25,7 +25,7 @@ import numpy as np
 from edgecompress.artifact import Artifact
 from edgecompress.errors import ArtifactError, EdgeCompressError
 
-from .base import EncoderRuntime, run_static, static_shape
+from .base import ClassifierRuntime, EncoderRuntime, run_static, static_shape
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,23 @@ def placement(session, feeds: dict[str, np.ndarray]) -> dict[str, int]:
     return dict(counts)
 
 
+def artifact_session(artifact: Artifact, threads: int | None = None):
+    """``(session, "context" | "qdq")``: the artifact's compiled HTP context when this onnxruntime-qnn built
+    it, else its QDQ model compiled now (with a warning when a context from another version is skipped)."""
+    npu = artifact.manifest.get("npu") or {}
+    if not npu.get("static_shapes"):
+        raise ArtifactError(f"{artifact.path} is not an NPU artifact (no static shapes in its manifest)",
+                            hint="export it with `target: npu-qnn` and static_shapes, or use runtime ort-cpu")
+    ctx = artifact.path / npu["context"] if npu.get("context") else None
+    built_with, here = npu.get("onnxruntime_qnn"), qnn_version()
+    if ctx is not None and ctx.exists() and built_with == here:
+        return htp_session(ctx, threads=threads), "context"
+    if ctx is not None:
+        log.warning("the QNN context in %s was built by onnxruntime-qnn %s, this is %s: compiling the QDQ "
+                    "model instead", artifact.path, built_with, here)
+    return htp_session(artifact.onnx_path, threads=threads), "qdq"
+
+
 class QnnHtpEncoder(EncoderRuntime):
     """A static NPU sentence-encoder artifact on the QNN HTP backend (CPU fallback disabled)."""
 
@@ -112,19 +129,21 @@ class QnnHtpEncoder(EncoderRuntime):
         if static_shape(artifact) is None:
             raise ArtifactError(f"{artifact.path} is not an NPU artifact (no static shapes in its manifest)",
                                 hint="export it with `target: npu-qnn` and static_shapes, or use runtime ort-cpu")
-        npu = artifact.manifest["npu"]
-        ctx = artifact.path / npu["context"] if npu.get("context") else None
-        built_with, here = npu.get("onnxruntime_qnn"), qnn_version()
-        if ctx is not None and ctx.exists() and built_with == here:
-            self.session = htp_session(ctx, threads=threads)
-            self.compiled_from = "context"
-        else:
-            if ctx is not None:
-                log.warning("the QNN context in %s was built by onnxruntime-qnn %s, this is %s: compiling the QDQ "
-                            "model instead", artifact.path, built_with, here)
-            self.session = htp_session(artifact.onnx_path, threads=threads)
-            self.compiled_from = "qdq"
+        self.session, self.compiled_from = artifact_session(artifact, threads)
 
     def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return run_static(lambda f: self.session.run(["sentence_embedding"], f)[0], self.artifact,
                           input_ids, attention_mask)
+
+
+class QnnHtpClassifier(ClassifierRuntime):
+    """A static NPU image-classifier artifact on the QNN HTP backend (CPU fallback disabled)."""
+
+    name = "qnn-htp"
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None):
+        self.session, self.compiled_from = artifact_session(artifact, threads)
+        super().__init__(artifact, threads=threads)
+
+    def _run(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.session.run(["logits"], {"pixel_values": pixel_values})[0]
