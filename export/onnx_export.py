@@ -50,12 +50,6 @@ def export_causal_lm(model: nn.Module, dest: Path, *, accuracy_level: int = 4, f
     return body
 
 
-def _layer_pruning(model: nn.Module) -> dict[str, Any]:
-    """prune_layers / prune_mlp_channels: the config's record, and which decoder layer each KV cache entry
-    ``past_key_values.{i}`` belongs to (layers without attention have none)."""
-    pruning = getattr(model.config, "layer_pruning", None)
-    return {"layer_pruning": {**pruning, "kv_cache_layers": attention_layers(model)}} if pruning else {}
-
 
 def export_sentence_encoder(model: nn.Module, dest: Path, *, accuracy_level: int = 4, fuse: bool = True,
                             progress=None) -> dict[str, Any]:
@@ -89,3 +83,10 @@ def _save(proto: onnx.ModelProto, formats: list[LayerFormat], dest: Path, accura
         "layers": [asdict(f) for f in formats],
         "weights": weight_summary(formats),
     }
+
+
+def _layer_pruning(model: nn.Module) -> dict[str, Any]:
+    """prune_layers / prune_mlp_channels: the config's record, and which decoder layer each KV cache entry
+    ``past_key_values.{i}`` belongs to (layers without attention have none)."""
+    pruning = getattr(model.config, "layer_pruning", None)
+    return {"layer_pruning": {**pruning, "kv_cache_layers": attention_layers(model)}} if pruning else {}
