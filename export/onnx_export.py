@@ -50,7 +50,6 @@ def export_causal_lm(model: nn.Module, dest: Path, *, accuracy_level: int = 4, f
     return body
 
 
-
 def export_sentence_encoder(model: nn.Module, dest: Path, *, accuracy_level: int = 4, fuse: bool = True,
                             progress=None) -> dict[str, Any]:
     """Write a BERT sentence encoder (with pooling) as ``dest/model.onnx`` + external data."""
