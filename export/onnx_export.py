@@ -45,13 +45,9 @@ def export_causal_lm(model: nn.Module, dest: Path, *, accuracy_level: int = 4, f
     opts = EmitOptions(accuracy_level=accuracy_level)
     proto, formats = build_llama_decoder(model, opts=opts, fuse=fuse, max_positions=max_positions,
                                          progress=progress)
-    body = _save(proto, formats, dest, accuracy_level)
+    body = {**_save(proto, formats, dest, accuracy_level), **_layer_pruning(model)}
     body["onnx"]["kv_cache"] = {"layout": "[batch, kv_heads, seq, head_dim]", "dtype": "float32",
                                 "past": "past_key_values.{i}.key|value", "present": "present.{i}.key|value"}
-    pruning = getattr(model.config, "layer_pruning", None)
-    if pruning:  # prune_layers: entry i is decoder layer layers[i]'s cache (layers without attention have none)
-        body["onnx"]["kv_cache"]["layers"] = attention_layers(model)
-        body["layer_pruning"] = pruning
     tokens = getattr(model.config, "float_prefix", None)
     if tokens:
         body["prefix"] = write_prefix(model, list(tokens), dest)
@@ -104,3 +100,10 @@ def _save(proto: onnx.ModelProto, formats: list[LayerFormat], dest: Path, accura
         "layers": [asdict(f) for f in formats],
         "weights": weight_summary(formats),
     }
+
+
+def _layer_pruning(model: nn.Module) -> dict[str, Any]:
+    """prune_layers / prune_mlp_channels: the config's record, and which decoder layer each KV cache entry
+    ``past_key_values.{i}`` belongs to (layers without attention have none)."""
+    pruning = getattr(model.config, "layer_pruning", None)
+    return {"layer_pruning": {**pruning, "kv_cache_layers": attention_layers(model)}} if pruning else {}

@@ -17,7 +17,7 @@ Batch size 1 or right-aligned unpadded batches: positions come from the attentio
 
 A structurally pruned model (``prune_layers``) writes only what is left: a layer without attention has no
 norm/QKV/attention/output projection and no KV cache entry (``{i}`` counts the remaining attention layers; the
-manifest's ``onnx.kv_cache.layers`` maps each to its decoder layer), a layer without MLP no gate/up/down.
+manifest's ``layer_pruning.kv_cache_layers`` maps each to its decoder layer), a layer without MLP no gate/up/down.
 """
 
 from __future__ import annotations

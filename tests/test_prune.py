@@ -254,11 +254,12 @@ def test_export_is_smaller_and_runs_like_the_pruned_model(llama6, tmp_path, remo
     per_attn, per_mlp = (2, 2) if fuse else (4, 3)  # (q,k,v | qkv) + o ; (gate, up | gate_up) + down
     assert ops["com.microsoft::GroupQueryAttention"] == attn and ops.get("Split", 0) == (mlp if fuse else 0)
     assert ops["MatMul"] == full_ops["MatMul"] - per_attn * (6 - attn) - per_mlp * (6 - mlp)
-    assert body["onnx"]["kv_cache"]["layers"] == [i for i, m in enumerate(pruned.model.layers)
-                                                  if not isinstance(m.self_attn, RemovedSublayer)]
+    assert body["layer_pruning"]["kv_cache_layers"] == [i for i, m in enumerate(pruned.model.layers)
+                                                        if not isinstance(m.self_attn, RemovedSublayer)]
     assert body["weights"]["weight_params"] < full["weights"]["weight_params"]
     art = Artifact.load(tmp_path / "pruned")
-    assert art.manifest["layer_pruning"] == pruned.config.layer_pruning
+    assert {k: v for k, v in art.manifest["layer_pruning"].items() if k != "kv_cache_layers"} == \
+        pruned.config.layer_pruning
     assert json.loads((art.path / "config.json").read_text())["layer_pruning"] == pruned.config.layer_pruning
     ids = calib(1, 20, seed=3)[0]
     with torch.no_grad():
