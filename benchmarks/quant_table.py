@@ -1,5 +1,6 @@
 """The quantization table on SmolLM2-135M, in one run: RTN vs AWQ vs GPTQ vs AWQ+GPTQ at W4 (group 64)
-and W3 (block 128), and W8A8 (SmoothQuant, auto alpha) with each activation observer.
+and W3 (block 128), and W8A8 (SmoothQuant, auto alpha; float BOS prefix) with each activation observer,
+plus W8A8 without the prefix.
 
 Each variant is the shipped `recipes/smollm2-135m-gptq-w4.yaml` with its steps replaced, run
 through the whole pipeline (calibrate -> steps -> ONNX export -> check on ORT CPU against the
@@ -46,9 +47,12 @@ def weight_only(bits: int, group: int) -> dict[str, list[dict]]:
 def variants() -> dict[str, list[dict]]:
     out = {f"w4:{k}": v for k, v in weight_only(4, 64).items()}
     out.update({f"w3:{k}": v for k, v in weight_only(3, 128).items()})
+    # W8A8 with the float BOS prefix (PrefixQuant) per observer, and once without it for comparison
     for obs in ("minmax", "percentile", "mse", "entropy"):
         out[f"w8a8:{obs}"] = [{"smoothquant": {"alpha": "auto"}},
-                              {"quantize": {"preset": "w8a8", "activations": {"observer": obs}}}]
+                              {"quantize": {"preset": "w8a8", "activations": {"observer": obs, "float_prefix": True}}}]
+    out["w8a8:mse-no-prefix"] = [{"smoothquant": {"alpha": "auto"}},
+                                 {"quantize": {"preset": "w8a8", "activations": {"observer": "mse"}}}]
     return out
 
 
