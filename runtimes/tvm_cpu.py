@@ -123,6 +123,10 @@ class TvmCpuRuntime(Runtime):
 
     def __init__(self, artifact: Artifact, *, threads: int | None = None):
         super().__init__(artifact, threads=threads)
+        if self.prefix is not None:
+            raise ArtifactError(f"{artifact.path} starts every sequence from a shipped float prefix (W8A8 "
+                                "float_prefix), which the tvm-cpu runtime does not load",
+                                hint="run it with --runtime ort-cpu")
         import tvm
         from safetensors.numpy import load_file
         from tvm import relax

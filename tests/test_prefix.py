@@ -17,7 +17,7 @@ from edgecompress.compress.quant.prefix import float_activations, logits_with_pr
 from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
 from edgecompress.compress.quant.smoothquant import smoothquant_
 from edgecompress.compress.quant.w8a8 import calibrate_activations
-from edgecompress.errors import EdgeCompressError
+from edgecompress.errors import ArtifactError, EdgeCompressError
 from edgecompress.export.onnx_export import export_causal_lm
 from edgecompress.runtimes.ort_cpu import OrtCpuRuntime
 
@@ -89,6 +89,12 @@ def test_prefix_artifact_on_ort_equals_torch_with_float_first_token(tiny_llama, 
     assert gen.tokens == seq[8:]
     # a prompt that is only the prefix starts decoding from the shipped logits
     assert rt.generate([BOS], 3).tokens[0] == int(rt.prefix.logits[-1].argmax())
+    # the tvm-cpu runtime does not load prefixes: it refuses the artifact instead of ignoring it
+    pytest.importorskip("tvm")
+    from edgecompress.runtimes.tvm_cpu import TvmCpuRuntime
+
+    with pytest.raises(ArtifactError, match="float prefix"):
+        TvmCpuRuntime(Artifact.load(tmp_path))
 
 
 def test_float_prefix_needs_bos_first(tiny_llama):
