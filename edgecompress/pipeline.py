@@ -293,7 +293,7 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
                   calibration: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Write one artifact folder (model files, HF files, manifest) into ``dest``.
 
-    ``calibration``: the recipe's calibration batches (images ``[1, 3, S, S]`` for image classifiers), for the
+    ``calibration``: the recipe's calibration batches (image classifiers: normalised crops ``[N, 3, S, S]``), for the
     activation ranges (and weight rounding) of an NPU target."""
     from edgecompress.export.npu import export_npu_encoder, export_npu_image_classifier
     from edgecompress.export.onnx_export import export_causal_lm, export_sentence_encoder
