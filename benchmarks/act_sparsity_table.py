@@ -27,8 +27,8 @@ import torch
 from edgecompress.check import LMMetrics
 from edgecompress.compress.sparse.activation import (ActSparsifyConfig, apply_act_sparsify, greedy_costs,
                                                       measure_sparsity)
-from edgecompress.data import load_text, token_windows
-from edgecompress.models import load_model
+
+from _common import smollm2_windows  # benchmarks/ is on sys.path when a script runs
 
 # (label, method, allocation, greedy cost unit)
 VARIANTS = (("uniform", "teal", "uniform", None), ("WINA uniform", "wina", "uniform", None),
@@ -52,12 +52,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    lm = load_model("smollm2-135m")
-    reference = lm.model
-    calib = token_windows(lm.tokenizer, load_text("pydoc:calib"), args.seq_len, args.samples, seed=0)
-    held_out = token_windows(lm.tokenizer, load_text("pydoc:eval"), args.eval_seq_len, args.eval_windows, seed=0)
-    with torch.no_grad():
-        ref_logits = [reference(input_ids=row[None], use_cache=False).logits[0].float().numpy() for row in held_out]
+    reference, calib, held_out, ref_logits = smollm2_windows(args)
 
     costs: dict[str, dict] = {}
     rows: list[dict] = []

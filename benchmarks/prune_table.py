@@ -32,8 +32,8 @@ import torch
 from edgecompress.check import LMMetrics
 from edgecompress.compress.prune.layers import remove_sublayers, sublayer_name
 from edgecompress.compress.prune.scores import SublayerChain, block_influence, greedy_removal, kl_divergence
-from edgecompress.data import load_text, token_windows
-from edgecompress.models import load_model
+
+from _common import smollm2_windows  # benchmarks/ is on sys.path when a script runs
 
 
 def held_out_metrics(model, held_out, ref_logits) -> dict:
@@ -64,12 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 
-    lm = load_model("smollm2-135m")
-    reference = lm.model
-    calib = token_windows(lm.tokenizer, load_text("pydoc:calib"), args.seq_len, args.samples, seed=0)
-    held_out = token_windows(lm.tokenizer, load_text("pydoc:eval"), args.eval_seq_len, args.eval_windows, seed=0)
-    with torch.no_grad():
-        ref_logits = [reference(input_ids=row[None], use_cache=False).logits[0].float().numpy() for row in held_out]
+    reference, calib, held_out, ref_logits = smollm2_windows(args)
 
     if args.channels:
         return channel_rows(args, reference, calib, held_out, ref_logits)

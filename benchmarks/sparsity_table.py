@@ -26,13 +26,13 @@ import torch
 
 from edgecompress.check import LMMetrics
 from edgecompress.compress.calibration.store import StatsStore
-from edgecompress.data import load_text, token_windows
 from edgecompress.export.onnx_export import weight_summary
 from edgecompress.export.onnx_formats import EmitOptions
 from edgecompress.export.onnx_llm import build_llama_decoder
-from edgecompress.models import load_model
 from edgecompress.pipeline import STEP_APPLIERS, StepContext
 from edgecompress.recipe import parse_recipe
+
+from _common import smollm2_windows  # benchmarks/ is on sys.path when a script runs
 
 W4 = {"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "symmetric": True, "embeddings": False}}
 
@@ -79,12 +79,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    lm = load_model("smollm2-135m")
-    reference = lm.model
-    calib = token_windows(lm.tokenizer, load_text("pydoc:calib"), args.seq_len, args.samples, seed=0)
-    held_out = token_windows(lm.tokenizer, load_text("pydoc:eval"), args.eval_seq_len, args.eval_windows, seed=0)
-    with torch.no_grad():
-        ref_logits = [reference(input_ids=row[None], use_cache=False).logits[0].float().numpy() for row in held_out]
+    reference, calib, held_out, ref_logits = smollm2_windows(args)
 
     rows: dict[str, dict] = {}
     header = None

@@ -1,0 +1,26 @@
+"""What the SmolLM2 torch-level benchmark tables share: the model, calibration windows of
+``pydoc:calib``, held-out windows of ``pydoc:eval`` (disjoint) and the uncompressed model's logits
+on them."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgecompress.data import load_text, token_windows
+from edgecompress.models import load_model
+
+
+def smollm2_windows(args: Namespace) -> tuple[Any, torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """``(reference model, calibration windows, held-out windows, reference logits per held-out window)``
+    from ``args.seq_len``/``args.samples`` (calibration) and ``args.eval_seq_len``/``args.eval_windows``."""
+    lm = load_model("smollm2-135m")
+    reference = lm.model
+    calib = token_windows(lm.tokenizer, load_text("pydoc:calib"), args.seq_len, args.samples, seed=0)
+    held_out = token_windows(lm.tokenizer, load_text("pydoc:eval"), args.eval_seq_len, args.eval_windows, seed=0)
+    with torch.no_grad():
+        ref_logits = [reference(input_ids=row[None], use_cache=False).logits[0].float().numpy() for row in held_out]
+    return reference, calib, held_out, ref_logits
