@@ -74,7 +74,8 @@ def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
 def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> list[dict]:
     before = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if step.method == "gptq":
-        records = apply_gptq(model, ctx.windows, _scheme(step), GPTQConfig(damp=step.damp, act_order=step.act_order),
+        cfg = GPTQConfig(damp=step.damp, act_order=step.act_order, refit_scales=step.refit_scales)
+        records = apply_gptq(model, ctx.windows, _scheme(step), cfg,
                              targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
                              progress=ctx.progress, batch_size=ctx.batch_size)
     else:
@@ -132,7 +133,8 @@ def _apply_mixed(model: nn.Module, step: MixedPrecisionStep, ctx: StepContext) -
     plan, report = plan_mixed_precision(model, ctx.windows[: step.samples], schemes, step.budget_bits,
                                         embeddings=step.embeddings, progress=ctx.progress)
     if step.method == "gptq":
-        records = apply_gptq(model, ctx.windows, plan.get, GPTQConfig(damp=step.damp, act_order=step.act_order),
+        cfg = GPTQConfig(damp=step.damp, act_order=step.act_order, refit_scales=step.refit_scales)
+        records = apply_gptq(model, ctx.windows, plan.get, cfg,
                              embeddings=step.embeddings, progress=ctx.progress, batch_size=ctx.batch_size)
     else:
         records = []

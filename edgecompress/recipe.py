@@ -330,6 +330,10 @@ class QuantizeStep(StepConfig):
         False, description="gptq: quantize input columns in order of decreasing activation energy "
         "(static groups keep the block layout)."
     )
+    refit_scales: StrictBool = Field(
+        False, description="gptq: after rounding, refit each row's group scales by least squares on the "
+        "layer's calibration Hessian (same storage; lowers the layer's output error)."
+    )
     activations: ActivationSpec | None = Field(
         None, description="Static activation quantization (W8A8; needs bits: 8, group_size: null); "
         "null = weight-only.")
@@ -355,6 +359,15 @@ class QuantizeStep(StepConfig):
                                  "static activation quantization needs int8 per-channel weights (bits: 8, "
                                  "group_size: null), got bits {bits}, group_size {gs}",
                                  {"bits": self.bits, "gs": _show(self.group_size)})
+        return self
+
+    @model_validator(mode="after")
+    def _refit_needs_gptq(self) -> QuantizeStep:
+        if self.refit_scales and self.method != "gptq":
+            raise _located_error(("refit_scales",), True, "refit_needs_gptq",
+                                 "refit_scales refits the scales of GPTQ's codes on the calibration Hessian; "
+                                 "method {method} has none: set method: gptq or drop refit_scales",
+                                 {"method": self.method})
         return self
 
     @model_validator(mode="before")
@@ -426,6 +439,7 @@ class MixedPrecisionStep(StepConfig):
     embeddings: StrictBool = Field(True, description="Include the token embedding (and its tied head).")
     damp: StrictFloat = Field(0.01, gt=0, le=1, description="gptq: Hessian damping.")
     act_order: StrictBool = Field(False, description="gptq: activation-order column processing.")
+    refit_scales: StrictBool = Field(False, description="gptq: least-squares refit of the group scales after rounding.")
 
 
 _PROMPTS_RE = re.compile(r"builtin:[a-z0-9][a-z0-9_-]*")

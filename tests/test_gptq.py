@@ -153,3 +153,42 @@ def test_bad_hessians_raise():
         gptq_quantize(w, h, scheme)
     with pytest.raises(ValueError, match=r"N=48, K=72.*not positive definite"):
         gptq_quantize(w, -torch.eye(72), scheme, GPTQConfig(max_damp_tries=2))
+
+
+@pytest.mark.parametrize("n,k,group,sym", [(24, 72, 32, True), (24, 72, 32, False), (16, 576, 64, True)])
+def test_refit_scales_is_the_least_squares_optimum(n, k, group, sym):
+    """Oracle: per row, the refitted scales solve min_s ||L^T (w - U s)|| (H = L L^T) by numpy lstsq."""
+    from edgecompress.compress.quant.gptq import refit_scales
+
+    w, h = layer(n, k)
+    scheme = QuantScheme(bits=4, block_size=group, symmetric=sym, scale_dtype="float32")
+    packed, _ = gptq_quantize(w, h, scheme, GPTQConfig(act_order=True))
+    G, n_groups = group, -(-k // group)
+    deq = packed.to_float()
+    s_old = packed.scales
+    unit = deq / s_old.repeat_interleave(G, 1)[:, :k]  # the centred codes, by dividing the scales back out
+    new, before, after = refit_scales(w, h, unit, s_old, G, "float32")
+    L = np.linalg.cholesky(h.double().numpy())
+    for r in range(n):
+        U = np.zeros((k, n_groups))
+        for g in range(n_groups):
+            U[g * G:(g + 1) * G, g] = unit[r, g * G:(g + 1) * G].double().numpy()
+        s_ref, *_ = np.linalg.lstsq(L.T @ U, L.T @ w[r].double().numpy(), rcond=None)
+        np.testing.assert_allclose(new[r].double().numpy(), s_ref, rtol=2e-4, atol=1e-7)
+    assert after < before
+    err_new = layer_error(w, unit * new.repeat_interleave(G, 1)[:, :k], h)
+    assert err_new == pytest.approx(after, rel=1e-4)
+    assert layer_error(w, deq, h) == pytest.approx(before, rel=1e-4)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("n,k,group,sym,bits", CASES[:4], ids=IDS[:4])
+def test_gptq_refit_scales_lowers_layer_error(n, k, group, sym, bits, act_order):
+    w, h = layer(n, k)
+    scheme = QuantScheme(bits=bits, block_size=group, symmetric=sym)
+    plain, _ = gptq_quantize(w, h, scheme, GPTQConfig(act_order=act_order))
+    refit, diag = gptq_quantize(w, h, scheme, GPTQConfig(act_order=act_order, refit_scales=True))
+    assert torch.equal(plain.qweight, refit.qweight)  # the codes are GPTQ's; only the scales move
+    e_plain, e_refit = layer_error(w, plain.to_float(), h), layer_error(w, refit.to_float(), h)
+    assert e_refit < 0.97 * e_plain, (e_plain, e_refit)
+    assert diag["refit_error_after"] == pytest.approx(e_refit, rel=1e-3)

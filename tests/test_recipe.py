@@ -214,6 +214,15 @@ def test_wrong_type_names_line_and_expected_type():
     assert "steps[0].quantize.symmetric: expected true or false, got 'yes'" in msg
 
 
+def test_refit_scales_needs_gptq():
+    msg = errors_of(MINIMAL.replace("quantize: {}", "quantize: {method: rtn, refit_scales: true}"))
+    assert "steps[0].quantize.refit_scales: refit_scales refits the scales of GPTQ's codes" in msg
+    assert "method rtn has none: set method: gptq or drop refit_scales" in msg
+    step = parse_recipe(textwrap.dedent(MINIMAL.replace("quantize: {}", "quantize: {method: gptq, refit_scales: true}")),
+                        "x.yaml").steps[0]
+    assert step.refit_scales and step.method == "gptq"
+
+
 def test_out_of_range_value():
     msg = errors_of(MINIMAL + "calibration: {samples: 0, seq_len: 4}\n")
     assert "line 8: calibration.samples: must be >= 1, got 0" in msg
@@ -301,7 +310,7 @@ def test_multiple_errors_in_one_recipe_error_sorted_by_line():
     assert lines == [
         "x.yaml line 5: calibration.samples: expected an integer, got 'many'",
         "x.yaml line 8: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, dtype, "
-        "embeddings, group_size, ignore, method, preset, scale_dtype, symmetric, targets (did you mean 'bits'?)",
+        "embeddings, group_size, ignore, method, preset, refit_scales, scale_dtype, symmetric, targets (did you mean 'bits'?)",
         "x.yaml line 9: steps[0].quantize.bits: 5 is not one of 3, 4, 8",
         f"x.yaml line 10: steps[1].shrink: unknown step type; valid step types: {', '.join(sorted(STEP_TYPES))}",
         "x.yaml line 12: export[0].format: 'tflite' is not one of 'onnx', 'tvm'",

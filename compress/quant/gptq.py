@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import BlockQuantizedTensor, QuantScheme, block_scales, decode, encode, pack
+from .formats import BlockQuantizedTensor, QuantScheme, _round_scales, block_scales, decode, encode, pack
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class GPTQConfig:
     block: int = 128  # columns per lazy-batch update (GPTQ's blocksize); independent of the quantization group
     act_order: bool = False  # process columns by decreasing diag(H), with static (up-front) group scales
     max_damp_tries: int = 6  # Cholesky attempts, damp x10 after each failure (each one logged as a warning)
+    refit_scales: bool = False  # after rounding: least-squares refit of each row's group scales (see refit_scales)
 
     def __post_init__(self) -> None:
         if not self.damp > 0:
@@ -101,6 +102,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    W0_orig = W.clone() if keep is None else W * keep.to(torch.float32)
     if isinstance(clip, torch.Tensor) and clip.dim() > 0:
         clip = torch.broadcast_to(clip.to(torch.float32), (N, n_groups))
     if keep is not None and keep.shape != (N, K):
@@ -158,5 +160,66 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
     out = encode(torch.zeros(N, n_groups, G), scales, zp, scheme.bits)  # padding: the code of 0, as RTN
     out.view(N, -1)[:, perm] = codes
     diag = {"damp_used": damp, "loss": float(loss), "dead_columns": int(dead.sum())}
+    if cfg.refit_scales:
+        H0 = H[perm.argsort()][:, perm.argsort()]  # back to the original column order
+        W0 = W0_orig
+        unit = decode(out, torch.ones_like(scales), zp, scheme.bits).view(N, -1)[:, :K]
+        scales, before, after = refit_scales(W0, H0, unit, scales, G, scheme.scale_dtype)
+        diag.update(refit_error_before=before, refit_error_after=after)
     log.debug("GPTQ %s: %s", where, diag)
     return pack(out, scales, zp, scheme, (N, K)), diag
+
+
+@torch.no_grad()
+def refit_scales(W: torch.Tensor, H: torch.Tensor, unit: torch.Tensor, scales: torch.Tensor, G: int,
+                 scale_dtype: str = "float16", *, rows: int = 4096) -> tuple[torch.Tensor, float, float]:
+    """Least-squares group scales for fixed integer codes: the best ``s`` for what GPTQ rounded.
+
+    With the codes fixed, the dequantized row ``n`` is ``sum_g s_ng * u_ng`` (``u_ng`` the
+    row's zero-point-centred codes in group ``g``, zero elsewhere), linear in its scales, so the
+    layer's output error ``(w_n - U_n s_n) H (w_n - U_n s_n)^T`` is minimised exactly by
+    ``(U_n^T H U_n) s_n = U_n^T H w_n`` — one ``n_groups x n_groups`` system per row. GPTQ chose
+    each scale before rounding the group's codes (from the group's peak); refitting after
+    rounding recovers part of the rounding error at no storage cost (the same fp16 scale per
+    group). A row whose refitted, storage-rounded scales do not lower its error keeps the old
+    ones; groups whose codes are all zero keep their scale.
+
+    ``W [N, K]`` is the layer's float weight, ``H [K, K]`` its input Hessian, ``unit [N, K]`` the
+    decoded codes with unit scales, ``scales [N, n_groups]``. Returns the new scales and the mean
+    per-row output error ``trace(dW H dW^T) / N`` before and after.
+    """
+    N, K = W.shape
+    n_groups = scales.shape[1]
+    Kp = n_groups * G
+    Hp = torch.zeros(Kp, Kp, dtype=torch.float64)
+    Hp[:K, :K] = H.to(torch.float64)
+    Hg = Hp.view(Kp, n_groups, G)
+    new = scales.clone()
+    before = after = 0.0
+    for r0 in range(0, N, rows):
+        w = torch.zeros(min(rows, N - r0), Kp, dtype=torch.float64)
+        u = torch.zeros_like(w)
+        w[:, :K] = W[r0: r0 + rows].to(torch.float64)
+        u[:, :K] = unit[r0: r0 + rows].to(torch.float64)
+        ug = u.view(-1, n_groups, G)
+        HU = torch.einsum("kgj,ngj->nkg", Hg, ug)  # [n, Kp, groups]: H @ U_n
+        A = torch.einsum("ngj,ngjh->ngh", ug, HU.view(-1, n_groups, G, n_groups))
+        wH = w @ Hp
+        b = torch.einsum("ngj,ngj->ng", ug, wH.view(-1, n_groups, G))
+        wHw = (wH * w).sum(-1)
+        empty = A.diagonal(dim1=1, dim2=2) <= 0  # all-zero codes: the scale does not matter; keep it
+        old = scales[r0: r0 + rows].to(torch.float64)
+        A = A + torch.diag_embed(empty.to(torch.float64))
+        b = torch.where(empty, old, b)
+        s = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+        s = _round_scales(s.to(torch.float32), scale_dtype).to(torch.float64)
+
+        def err(v: torch.Tensor) -> torch.Tensor:
+            return wHw - 2 * (v * b).sum(-1) + torch.einsum("ng,ngh,nh->n", v, A, v)
+
+        e_old, e_new = err(old), err(s)
+        better = e_new < e_old
+        new[r0: r0 + rows] = torch.where(better.unsqueeze(-1), s, old).to(scales.dtype)
+        before += float(e_old.sum())
+        after += float(torch.minimum(e_old, e_new).sum())
+    return new, before / N, after / N
