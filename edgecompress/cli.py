@@ -102,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--json", action="store_true", help="print the new manifest's tvm section as JSON")
 
+    p = sub.add_parser("analyze", help="plots of a causal LM's activation magnitudes, block influence and per-kernel "
+                       "quantization sensitivity on calibration text (PNG + HTML + JSON)")
+    p.add_argument("model", help="bundled model alias (edgecompress models) or model spec")
+    p.add_argument("-o", "--out", type=Path, default=None, help="folder to write (default: analyze-<model>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--data", default="pydoc:calib", help="calibration text: a .txt/.jsonl file or pydoc:calib (default)")
+    p.add_argument("--samples", type=int, default=8, help="windows for the activation histograms (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--influence-windows", type=int, default=4, help="windows for block influence (default 4)")
+    p.add_argument("--no-sensitivity", action="store_true",
+                   help="skip the sensitivity probe (one forward pass per kernel and window: the slow part)")
+    p.add_argument("--sensitivity-windows", type=int, default=2, help="windows for the sensitivity probe (default 2)")
+    p.add_argument("--bits", type=int, default=4, help="RTN bits of the sensitivity probe (default 4)")
+    p.add_argument("--group-size", type=int, default=64, help="RTN group size of the sensitivity probe (default 64)")
+    p.add_argument("--json", action="store_true", help="print analysis.json's summary on stdout")
+
     p = sub.add_parser("models", help="the bundled models and where they come from")
     p.add_argument("--json", action="store_true")
 
@@ -306,6 +322,34 @@ def cmd_steer_eval(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analyze import AnalyzeConfig, analyze, write_report
+    from .artifact import atomic_folder
+    from .models import load_model
+
+    cfg = AnalyzeConfig(data=args.data, samples=args.samples, seq_len=args.seq_len,
+                        influence_windows=args.influence_windows, sensitivity=not args.no_sensitivity,
+                        sensitivity_windows=args.sensitivity_windows, bits=args.bits, group_size=args.group_size)
+    dest = args.out or Path(f"analyze-{Path(args.model).name}")
+    if dest.exists() and not args.force:  # before the slow part; atomic_folder checks again
+        from .errors import ArtifactError
+
+        raise ArtifactError(f"output folder {dest} already exists", hint="choose another -o folder, or pass --force")
+    loaded = load_model(args.model, allow_code=False)
+    if loaded.task != "causal-lm":
+        raise EdgeCompressError(f"analyze: {args.model} is a {loaded.task}; analyze measures decoder LMs",
+                                hint="run it on smollm2-135m, smollm2-135m-instruct or tiny-llama")
+    result = {"model": args.model, **analyze(loaded.model, loaded.tokenizer, cfg, progress=enabled_by_default())}
+    with atomic_folder(dest, force=args.force) as tmp:
+        files = write_report(result, tmp)
+    if args.json:
+        _print_json({"out": str(dest), "files": files, "influence": result["influence"],
+                     "sensitivity": result.get("sensitivity")})
+    else:
+        console.print(f"wrote {dest}/: {', '.join(files)}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from dataclasses import asdict
 
@@ -337,7 +381,7 @@ def cmd_explain(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "check": cmd_check, "bench": cmd_bench, "generate": cmd_generate,
-            "export": cmd_export, "steer-eval": cmd_steer_eval, "models": cmd_models, "explain": cmd_explain}
+            "export": cmd_export, "steer-eval": cmd_steer_eval, "analyze": cmd_analyze, "models": cmd_models, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

