@@ -637,7 +637,7 @@ class LowRankStep(StepConfig):
                                     "it, so storing them is lossless) or float32.")
 
 
-ActSparseMethod = _choice("teal", "wina")
+ActSparseMethod = _choice("teal", "wina", "cats")
 ActSparseAllocation = _choice("greedy", "uniform")
 
 
@@ -649,8 +649,10 @@ class ActSparsifyStep(StepConfig):
     step_type: ClassVar[str] = "sparsify_activations"
 
     method: ActSparseMethod = Field(
-        "teal", description="teal (|x_j| <= t; Liu et al. 2024) or wina (|x_j| * ||W[:, j]||_2 <= t, the column "
-        "norms of the weights reading the input; Chen et al. 2025).")
+        "teal", description="teal (|x_j| <= t; Liu et al. 2024), wina (|x_j| * ||W[:, j]||_2 <= t, the column "
+        "norms of the weights reading the input; Chen et al. 2025) or cats (|silu(gate)_j| <= t on each MLP's gated "
+        "activation, skipping up_proj rows and down_proj columns; Lee et al. 2024; allocation uniform, sparsity = "
+        "the fraction of gated activations zeroed).")
     sparsity: StrictFloat = Field(
         0.4, ge=0, lt=1, description="Model-wide target in [0, 1): fraction of the selected linears' inputs zeroed, "
         "weighted by each linear's parameters (the weight columns skipped).")
@@ -672,8 +674,19 @@ class ActSparsifyStep(StepConfig):
         "block-output error curve rescaled to the error it causes in the final hidden states; twice the time, "
         "no better on SmolLM2-135M).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _cats_is_uniform(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") == "cats" and "allocation" not in data:
+            data = {**data, "allocation": "uniform"}  # CATS has one sparsity for every MLP
+        return data
+
     @model_validator(mode="after")
     def _target_reachable(self) -> ActSparsifyStep:
+        if self.method == "cats" and self.allocation != "uniform":
+            raise _located_error(("allocation",), self.allocation, "cats_uniform",
+                                 "method cats puts every MLP at the same sparsity: allocation must be uniform "
+                                 "(or left out), got {value}", {"value": _show(self.allocation)})
         if self.grid > self.max_level:
             raise _located_error(("grid",), self.grid, "grid_level", "grid {value} is above max_level {bound}",
                                  {"value": _show(self.grid), "bound": _show(self.max_level)})

@@ -7,6 +7,10 @@ gate/up read one ``Y``) in front of the linear(s), which keep their own weight f
 (``MatMulNBits``, QDQ, ``MatMul``, ``SparseMatMul``, ...). The model carries the op's function body
 in standard ops, so every ONNX runtime runs it (dense: the zeros are multiplied); a runtime with a
 kernel that skips the zeroed weight columns (TVM, CUDA) can take the op, with the linear after it, itself.
+
+CATS puts the same op on each MLP's gated activation ``silu(gate)``, before the product with ``up``;
+its threshold is named ``model.layers.N.mlp.cats_threshold`` and listed on the block's down_proj
+manifest row (``initializers.cats_threshold``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgecompress.compress.sparse.activation import ActSparseLinear
+from edgecompress.compress.sparse.activation import ActSparseLinear, CatsActivation
 
 from .graph import FLOAT, GraphBuilder
 from .onnx_custom import DOMAIN, _const
@@ -37,10 +41,11 @@ def act_sparse_function(opset: int) -> onnx.FunctionProto:
                                 [helper.make_opsetid("", opset)])
 
 
-def emit_act_sparse(g: GraphBuilder, x: str, mod: ActSparseLinear) -> tuple[str, str, bool]:
-    """``edgecompress::ActSparse(x)`` for ``mod``'s site, emitted once per site: (output, threshold name,
-    whether this call emitted it)."""
-    thr_name = f"{mod.site}.act_threshold"
+def emit_act_sparse(g: GraphBuilder, x: str, mod: ActSparseLinear | CatsActivation,
+                    suffix: str = "act_threshold") -> tuple[str, str, bool]:
+    """``edgecompress::ActSparse(x)`` for ``mod``'s site (an activation-sparse linear's input, or a CATS
+    MLP's gated activation), emitted once per site: (output, threshold name, whether this call emitted it)."""
+    thr_name = f"{mod.site}.{suffix}"
     out = f"{mod.site}/ActSparse/out0"
     if thr_name in g.initializers:  # a layer sharing the site's input (unfused q/k/v, gate/up) reuses it
         return out, thr_name, False
@@ -50,6 +55,15 @@ def emit_act_sparse(g: GraphBuilder, x: str, mod: ActSparseLinear) -> tuple[str,
     g.node(ACT_SPARSE, [x, thr_name], name=f"{mod.site}/ActSparse", domain=DOMAIN, outputs=[out])
     g.value_info.append(helper.make_tensor_value_info(out, FLOAT, None))
     return out, thr_name, True
+
+
+CATS_SUFFIX = "cats_threshold"  # the initializer (and the down_proj manifest row's key) of a CATS threshold
+
+
+def emit_cats(g: GraphBuilder, act: str, mod: CatsActivation) -> tuple[str, str]:
+    """CATS: ``edgecompress::ActSparse`` on the MLP's gated activation (before the product with ``up``)."""
+    out, thr, _ = emit_act_sparse(g, act, mod, CATS_SUFFIX)
+    return out, thr
 
 
 def emit_act_sparse_linear(g: GraphBuilder, x: str, mod: ActSparseLinear, base: str, opts: EmitOptions,

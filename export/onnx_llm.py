@@ -32,8 +32,10 @@ from torch import nn
 
 
 from edgecompress.compress.prune.layers import has_sublayer
+from edgecompress.compress.sparse.activation import CatsActivation
 
 from .graph import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder
+from .onnx_act_sparse import CATS_SUFFIX, emit_cats
 from .onnx_formats import (EmitOptions, LayerFormat, WeightCache, emit_embedding, emit_linear, emit_tied_head,
                            fuse_linears)
 
@@ -199,8 +201,16 @@ def _mlp(g: GraphBuilder, layer: nn.Module, i: int, pending: str, residual: str 
         up, fmt = emit_linear(g, x, mlp.up_proj, f"{pre}.mlp.up_proj", opts, cache)
         formats.append(fmt)
     act = g.op("Mul", gate, g.op("Sigmoid", gate, name=f"{pre}.mlp/sigmoid"), name=f"{pre}.mlp/silu")
+    cats = mlp.act_fn if isinstance(mlp.act_fn, CatsActivation) else None
+    if cats is not None:  # CATS: the gated activation thresholded before the product with up
+        act, cats_thr = emit_cats(g, act, cats)
     act = g.op("Mul", act, up, name=f"{pre}.mlp/gate_mul")
     pending, fmt = emit_linear(g, act, mlp.down_proj, f"{pre}.mlp.down_proj", opts, cache)
+    if cats is not None:
+        fmt.format = f"{fmt.format}+cats"
+        fmt.initializers[CATS_SUFFIX] = cats_thr
+        fmt.stored_bytes += 4
+        fmt.bits = 8 * fmt.stored_bytes / fmt.params
     formats.append(fmt)
     return pending, residual
 

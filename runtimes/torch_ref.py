@@ -19,7 +19,7 @@ from edgecompress.artifact import Artifact
 from edgecompress.compress.quant.formats import BlockQuantizedTensor
 from edgecompress.compress.prune.layers import restore_pruned_layers
 from edgecompress.compress.quant.fp4 import FP4Tensor
-from edgecompress.compress.sparse.activation import ActSparseLinear
+from edgecompress.compress.sparse.activation import ActSparseLinear, CatsActivation
 from edgecompress.compress.sparse.format import SparseTensor
 
 from .base import Generation, Runtime, Timer
@@ -147,6 +147,11 @@ def _wrap_act_sparse(model: torch.nn.Module, layers: list[dict], get: _Initializ
     """Activation-sparse layers (``edgecompress::ActSparse`` before the linear): wrap each with its site's
     stored threshold, as the compressed torch model was."""
     for layer in layers:
+        cats = layer["initializers"].get("cats_threshold")
+        if cats is not None:  # CATS: the threshold is the MLP activation's (listed on its down_proj row)
+            mlp = model.get_submodule(cats.removesuffix(".cats_threshold"))
+            mlp.act_fn = CatsActivation(mlp.act_fn, torch.from_numpy(np.array(get(cats), dtype=np.float32)),
+                                        site=cats.removesuffix(".cats_threshold"))
         thr = layer["initializers"].get("act_threshold")
         if thr is None:
             continue

@@ -161,7 +161,8 @@ def test_bad_targets_and_twice_are_errors(tiny_llama):
 @pytest.mark.parametrize("body,needle", [
     ("{sparsity: 1.0}", "steps[0].sparsify_activations.sparsity: must be < 1.0, got 1.0"),
     ("{sparsity: -0.1}", "steps[0].sparsify_activations.sparsity: must be >= 0"),
-    ("{method: cats}", "'cats' is not one of 'teal', 'wina'"),
+    ("{method: magnitude}", "'magnitude' is not one of 'teal', 'wina', 'cats'"),
+    ("{method: cats, allocation: greedy}", "method cats puts every MLP at the same sparsity: allocation must be uniform"),
     ("{allocation: owl}", "'owl' is not one of 'greedy', 'uniform'"),
     ("{sparsity: 0.9, max_level: 0.8}", "sparsity 0.9 is above max_level 0.8"),
 ])
@@ -221,3 +222,75 @@ def test_cost_propagation_does_not_leak_into_later_blocks_inputs(tiny_llama):
         ratio = final[key][1:] / block[key][1:]
         np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
         assert ratio[0] > 0
+
+
+# -- CATS ---------------------------------------------------------------------------------------
+
+
+def test_cats_thresholds_give_the_sparsity_and_match_the_definition(tiny_llama):
+    from edgecompress.compress.sparse.activation import CatsActivation, measure_cats_sparsity
+
+    model = copy.deepcopy(tiny_llama)
+    records = apply_act_sparsify(model, _calib(), ActSparsifyConfig(method="cats", sparsity=0.5, allocation="uniform"))
+    assert [r["module"] for r in records] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for r, layer in zip(records, model.model.layers):
+        act = layer.mlp.act_fn
+        assert isinstance(act, CatsActivation) and float(act.threshold) == pytest.approx(r["threshold"])
+        assert r["calibration_sparsity"] == pytest.approx(0.5, abs=0.02)  # log-histogram quantile on the same data
+        assert r["params"] == layer.mlp.up_proj.weight.numel() + layer.mlp.down_proj.weight.numel()
+        x = torch.randn(3, 5, 128)
+        y = torch.nn.functional.silu(x)
+        torch.testing.assert_close(act(x), torch.where(y.abs() > r["threshold"], y, torch.zeros(())))
+    # block 1's threshold was calibrated on block 0 already sparsified: the measured sparsity agrees
+    assert measure_cats_sparsity(model, _calib())["sparsity"] == pytest.approx(0.5, abs=0.02)
+    # only up/down read fewer weights: the other linears are untouched
+    assert not any(isinstance(m, ActSparseLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("int4", [False, True])
+def test_cats_onnx_export_runs_in_ort_like_torch(tiny_llama, int4):
+    model = copy.deepcopy(tiny_llama)
+    if int4:
+        apply_rtn(model, RTNConfig(bits=4, group_size=32, embeddings=False))
+    apply_act_sparsify(model, _calib(), ActSparsifyConfig(method="cats", sparsity=0.6, allocation="uniform"))
+    proto, formats = build_llama_decoder(model, opts=EmitOptions(accuracy_level=0), fuse=True)
+    nodes = [n for n in proto.graph.node if n.op_type == "ActSparse"]
+    assert len(nodes) == 2 and all(n.name.endswith(".mlp/ActSparse") for n in nodes)
+    down = [f for f in formats if f.module.endswith("down_proj")]
+    assert all(f.format.endswith("+cats") and f.initializers["cats_threshold"].endswith(".mlp.cats_threshold")
+               for f in down)
+    ids = torch.randint(0, 260, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+        dense = tiny_llama(ids).logits[0].numpy()
+    got = _ort_logits(proto, ids.numpy())
+    np.testing.assert_allclose(got, ref, atol=2e-4)
+    assert np.abs(got - dense).max() > 100 * 2e-4  # the thresholds act in the graph
+
+
+def test_cats_recipe_end_to_end_torch_runtime_agrees(tmp_path):
+    from edgecompress.artifact import Artifact
+    from edgecompress.pipeline import run_recipe
+    from edgecompress.recipe import parse_recipe
+    from edgecompress.runtimes import open_runtime
+
+    text = textwrap.dedent("""\
+        name: tiny-cats
+        model: {source: tiny-llama}
+        calibration: {samples: 4, seq_len: 64}
+        steps:
+          - sparsify_activations: {method: cats, sparsity: 0.5}
+        export:
+          - {format: onnx, name: cats, accuracy_level: 0}
+        """)
+    recipe = parse_recipe(text)
+    assert recipe.steps[0].allocation == "uniform"  # cats defaults to uniform
+    report = run_recipe(recipe, tmp_path, progress=False)
+    assert report["exports"]["cats"]["op_counts"]["edgecompress::ActSparse"] == 2
+    art = Artifact.load(tmp_path / "tiny-cats" / "cats")
+    ids = np.arange(5, 45, dtype=np.int64)
+    np.testing.assert_allclose(open_runtime("ort-cpu", art).logits(ids), open_runtime("torch", art).logits(ids),
+                               atol=1e-4)
+    with pytest.raises(RecipeError, match="already activation-sparse"):
+        apply_act_sparsify(open_runtime("torch", art).model, _calib(),
+                           ActSparsifyConfig(method="cats", sparsity=0.5, allocation="uniform"))

@@ -10,6 +10,12 @@ small inputs saves memory traffic at decode time. Which entries are "small":
   a per-input-channel threshold vector ``t / ||W[:, j]||_2`` so the model (and its ONNX form) applies
   one comparison ``|x| > threshold`` for both methods.
 
+* **CATS** (Lee et al. 2024, *Contextually-Aware Thresholding for Sparsity in Large Language Models*):
+  ``|silu(g_j)| <= t`` on the MLP's gated activation, one threshold per block at a uniform sparsity;
+  a zeroed channel ``j`` needs neither row ``j`` of ``up_proj`` nor column ``j`` of ``down_proj``
+  (two thirds of the MLP's weights), while gate_proj stays dense. :class:`CatsActivation` replaces
+  the MLP's ``act_fn``.
+
 Layers that read the same input (q/k/v; gate/up) share one sparsified input and one threshold, as
 TEAL's fused kernels do (WINA's norms are those of the concatenated weight); o_proj and down_proj have
 their own: four thresholded inputs per Llama block ("sites").
@@ -50,7 +56,7 @@ from edgecompress.errors import RecipeError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("teal", "wina")
+METHODS = ("teal", "wina", "cats")
 ALLOCATIONS = ("uniform", "greedy")
 # the thresholded inputs of a Llama block: the site (the module whose input it is) and the linears reading it
 SITES = (("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -76,6 +82,8 @@ class ActSparsifyConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.method == "cats" and self.allocation != "uniform":
+            raise ValueError("cats thresholds every MLP at the same sparsity: allocation must be uniform")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if not 0.0 < self.grid <= self.max_level < 1.0:
@@ -122,6 +130,28 @@ class ActSparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site}, method={self.method}, threshold={tuple(self.threshold.shape) or 'scalar'}"
+
+
+class CatsActivation(nn.Module):
+    """The MLP's activation with the outputs ``|act(g)| <= threshold`` zeroed (CATS); replaces ``mlp.act_fn``.
+
+    ``site`` names the block's MLP (``model.layers.3.mlp``); ``threshold`` is a 0-d tensor."""
+
+    def __init__(self, act: nn.Module, threshold: torch.Tensor, *, site: str):
+        super().__init__()
+        self.act = act
+        self.register_buffer("threshold", threshold.detach().to(torch.float32))
+        self.site = site
+
+    def keep(self, y: torch.Tensor) -> torch.Tensor:
+        return y.abs() > self.threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(x)
+        return torch.where(self.keep(y), y, torch.zeros((), dtype=y.dtype))
+
+    def extra_repr(self) -> str:
+        return f"site={self.site}, threshold={float(self.threshold):.4g}"
 
 
 def wina_scale(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -428,6 +458,8 @@ def apply_act_sparsify(model: nn.Module, batches: torch.Tensor, cfg: ActSparsify
     record per site.
     """
     blocks = decoder_blocks(model)
+    if cfg.method == "cats":
+        return apply_cats(model, batches, blocks, cfg, progress=progress, batch_size=batch_size)
     sites = _sites(model, blocks, cfg)
     _wrap(model, sites, cfg.method)
     levels = cfg.levels()
@@ -457,3 +489,85 @@ def apply_act_sparsify(model: nn.Module, batches: torch.Tensor, cfg: ActSparsify
              "(parameter-weighted; target %.1f%%)", cfg.method, cfg.allocation, len(sites), 100 * achieved,
              100 * cfg.sparsity)
     return records
+
+
+def _cats_sites(model: nn.Module, blocks: nn.ModuleList, cfg: ActSparsifyConfig) -> list[tuple[int, str]]:
+    """``(block, mlp name)`` of every selected MLP: ``targets``/``ignore`` match ``model.layers.i.mlp.act_fn``."""
+    check_targets(model, cfg.targets)
+    out = []
+    for i, block in enumerate(blocks):
+        mlp = getattr(block, "mlp", None)
+        if mlp is None or isinstance(mlp, RemovedSublayer) or not hasattr(mlp, "act_fn"):
+            continue
+        name = f"{_block_prefix(model, block)}.mlp"
+        if isinstance(mlp.act_fn, CatsActivation) or any(isinstance(m, ActSparseLinear) for m in mlp.modules()):
+            raise RecipeError(f"sparsify_activations twice: {name} is already activation-sparse",
+                              hint="use one sparsify_activations step")
+        if select(f"{name}.act_fn", cfg.targets, cfg.ignore):
+            out.append((i, name))
+    if not out:
+        raise RecipeError("sparsify_activations method cats selects no MLP (targets/ignore match "
+                          "model.layers.N.mlp.act_fn)", hint="check targets/ignore")
+    return out
+
+
+def apply_cats(model: nn.Module, batches: torch.Tensor, blocks: nn.ModuleList, cfg: ActSparsifyConfig, *,
+               progress: bool = False, batch_size: int = 1) -> list[dict[str, Any]]:
+    """CATS: each selected MLP's activation gets the threshold at which a fraction ``cfg.sparsity`` of its
+    outputs ``|silu(g)|`` are at or below it, calibrated block by block on the already sparsified earlier
+    blocks (the same sequential pass as TEAL's thresholds)."""
+    sites = dict(_cats_sites(model, blocks, cfg))
+    hists: dict[int, LogHistogramObserver] = {}
+    thresholds: dict[int, float] = {}
+
+    def on_block(i: int, block: nn.Module, _store: Any) -> None:
+        if i not in sites:
+            return
+        hist = hists[i] = LogHistogramObserver()
+        h = block.mlp.act_fn.register_forward_hook(lambda _m, _a, out: hist.update(out.detach().float()))
+        try:
+            with torch.no_grad():
+                for args, kwargs in captured.take(i):
+                    block(*args, **kwargs)
+        finally:
+            h.remove()
+        thresholds[i] = hist.threshold_for_sparsity(cfg.sparsity) if cfg.sparsity > 0 else -1.0
+        block.mlp.act_fn = CatsActivation(block.mlp.act_fn, torch.tensor(thresholds[i]), site=sites[i])
+
+    with _capture_inputs(blocks) as captured:
+        sequential_calibrate(model, batches, blocks, [], on_block, progress=progress, batch_size=batch_size)
+    measured = measure_cats_sparsity(model, batches, batch_size=batch_size)
+    records = []
+    for i, name in sites.items():
+        mlp = blocks[i].mlp
+        params = mlp.up_proj.weight.numel() + mlp.down_proj.weight.numel()  # the weights a zero lets a kernel skip
+        records.append({"module": name, "members": [f"{name}.up_proj", f"{name}.down_proj"], "format": "act-sparse",
+                        "method": "cats", "allocation": "uniform", "target_sparsity": round(cfg.sparsity, 6),
+                        "threshold": thresholds[i], "calibration_sparsity": round(measured["per_site"][name], 6),
+                        "params": params})
+    log.info("sparsify_activations cats: %d MLPs, %.1f%% of their gated activations zeroed on the calibration data "
+             "(target %.1f%%)", len(records), 100 * measured["sparsity"], 100 * cfg.sparsity)
+    return records
+
+
+def measure_cats_sparsity(model: nn.Module, batches: torch.Tensor, *, batch_size: int = 1) -> dict[str, Any]:
+    """Fraction of zeroed gated activations per CATS MLP on ``batches``, and their mean."""
+    mods = {m.site: m for m in model.modules() if isinstance(m, CatsActivation)}
+    zeros, total = dict.fromkeys(mods, 0), dict.fromkeys(mods, 0)
+
+    def hook(site: str):
+        def fn(m: CatsActivation, _args: tuple, out: torch.Tensor) -> None:
+            zeros[site] += int((out == 0).sum())
+            total[site] += out.numel()
+        return fn
+
+    handles = [m.register_forward_hook(hook(s)) for s, m in mods.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches.split(batch_size):
+                default_forward(getattr(model, "model", model), batch)
+    finally:
+        for h in handles:
+            h.remove()
+    per_site = {s: zeros[s] / max(total[s], 1) for s in mods}
+    return {"sparsity": sum(per_site.values()) / max(len(per_site), 1), "per_site": per_site}
