@@ -1,4 +1,4 @@
-"""Activation sparsity on SmolLM2-135M: uniform thresholds vs TEAL-greedy vs WINA at 25/40/50%, in one run.
+"""Activation sparsity on SmolLM2-135M: uniform thresholds vs TEAL-greedy vs WINA vs CATS at 25/40/50%, in one run.
 
 Every variant applies ``edgecompress.compress.sparse.activation.apply_act_sparsify`` (the
 ``sparsify_activations`` step's core) to a fresh copy of the model, calibrated on ``pydoc:calib``
@@ -7,8 +7,9 @@ check's metrics (``edgecompress.check.LMMetrics``). The greedy allocation's per-
 measured once per method and shared by the three targets (the step measures them itself; the costs
 depend on the method, not on the target). Sparsity is parameter-weighted over the decoder linears
 (the fraction of their weight columns whose input is zero), measured on the held-out text as well
-as on the calibration text. The torch model is what the ONNX artifact computes (tests check ORT
-against it).
+as on the calibration text; for CATS (which thresholds only the MLPs' gated activations) the MLP
+sparsity is set so that the skipped up/down weights are the target fraction of the decoder's weights.
+The torch model is what the ONNX artifact computes (tests check ORT against it).
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/act_sparsity_table.py --json benchmarks/results/act-sparsity-table.json
 """
@@ -26,7 +27,7 @@ import torch
 
 from edgecompress.check import LMMetrics
 from edgecompress.compress.sparse.activation import (ActSparsifyConfig, apply_act_sparsify, greedy_costs,
-                                                      measure_sparsity)
+                                                      measure_cats_sparsity, measure_sparsity)
 
 from _common import smollm2_windows  # benchmarks/ is on sys.path when a script runs
 
@@ -35,7 +36,16 @@ VARIANTS = (("uniform", "teal", "uniform", None), ("WINA uniform", "wina", "unif
             ("TEAL greedy (block-output costs)", "teal", "greedy", "block"),
             ("WINA greedy (block-output costs)", "wina", "greedy", "block"),
             ("TEAL greedy (final-state costs)", "teal", "greedy", "final"),
-            ("WINA greedy (final-state costs)", "wina", "greedy", "final"))
+            ("WINA greedy (final-state costs)", "wina", "greedy", "final"),
+            ("CATS (MLP gated activation)", "cats", "uniform", None))
+
+
+def cats_share(model: torch.nn.Module) -> float:
+    """Fraction of the decoder linears' weights a CATS zero lets a kernel skip at 100%: up_proj + down_proj."""
+    layers = model.model.layers
+    skip = sum(b.mlp.up_proj.weight.numel() + b.mlp.down_proj.weight.numel() for b in layers)
+    total = sum(m.weight.numel() for b in layers for m in b.modules() if isinstance(m, torch.nn.Linear))
+    return skip / total
 
 
 def main() -> None:
@@ -61,7 +71,12 @@ def main() -> None:
         if args.only and label not in args.only:
             continue
         for target in args.sparsities:
-            cfg = ActSparsifyConfig(method=method, sparsity=target, allocation=allocation,
+            # CATS: the MLP sparsity whose skipped up/down weights are `target` of the decoder's weights
+            level = target / cats_share(reference) if method == "cats" else target
+            if level >= 0.95:
+                print(f"{label} {target:.0%}: needs {level:.0%} of every MLP's activations zeroed; skipped")
+                continue
+            cfg = ActSparsifyConfig(method=method, sparsity=level, allocation=allocation,
                                     cost_windows=args.cost_windows, cost_at=cost_at or "block")
             t0 = time.perf_counter()
             if allocation == "greedy" and (method, cost_at) not in costs:
@@ -75,9 +90,13 @@ def main() -> None:
                 for row, ref in zip(held_out, ref_logits):
                     m.update(ref, model(input_ids=row[None], use_cache=False).logits[0].float().numpy(), row.numpy())
             res = m.result()
-            held = measure_sparsity(model, held_out)
-            total = sum(r["params"] for r in records)
-            calib_sp = sum(r["calibration_sparsity"] * r["params"] for r in records) / total
+            if method == "cats":  # model-wide: the skipped up/down weights over all decoder linears
+                held = {"sparsity": measure_cats_sparsity(model, held_out)["sparsity"] * cats_share(reference)}
+                calib_sp = sum(r["calibration_sparsity"] for r in records) / len(records) * cats_share(reference)
+            else:
+                held = measure_sparsity(model, held_out)
+                total = sum(r["params"] for r in records)
+                calib_sp = sum(r["calibration_sparsity"] * r["params"] for r in records) / total
             row = {"variant": label, "method": method, "allocation": allocation, "cost_at": cost_at,
                    "target": target, **res,
                    "heldout_sparsity": held["sparsity"], "calibration_sparsity": calib_sp,
