@@ -181,13 +181,27 @@ def test_recipe_errors_name_the_key(body, needle):
     assert needle in str(info.value) and "x.yaml line 4" in str(info.value)
 
 
-def test_recipe_runs_end_to_end_and_both_runtimes_agree(tmp_path):
+def _run_tiny(text: str, out) -> tuple[dict, object]:
+    """Run an inline recipe quietly: (report, the artifact of its first export)."""
     from edgecompress.artifact import Artifact
     from edgecompress.pipeline import run_recipe
     from edgecompress.recipe import parse_recipe
+
+    recipe = parse_recipe(textwrap.dedent(text))
+    report = run_recipe(recipe, out, progress=False)
+    return report, Artifact.load(out / recipe.name / recipe.export[0].name)
+
+
+def _runtimes_agree(art, atol: float = 1e-4) -> None:
     from edgecompress.runtimes import open_runtime
 
-    text = textwrap.dedent("""\
+    ids = np.arange(5, 45, dtype=np.int64)
+    np.testing.assert_allclose(open_runtime("ort-cpu", art).logits(ids), open_runtime("torch", art).logits(ids),
+                               atol=atol)
+
+
+def test_recipe_runs_end_to_end_and_both_runtimes_agree(tmp_path):
+    report, art = _run_tiny("""\
         name: tiny-teal
         model: {source: tiny-llama}
         calibration: {samples: 4, seq_len: 64}
@@ -197,16 +211,12 @@ def test_recipe_runs_end_to_end_and_both_runtimes_agree(tmp_path):
         export:
           - {format: onnx, name: teal, accuracy_level: 0}
         check: {runtime: ort-cpu, seq_len: 64, windows: 2}
-        """)
-    report = run_recipe(parse_recipe(text), tmp_path, progress=False)
+        """, tmp_path)
     ops = report["exports"]["teal"]["op_counts"]
     assert ops["edgecompress::ActSparse"] == 2 * 3  # q/k/v, o, gate/up per layer; down stays dense
-    art = Artifact.load(tmp_path / "tiny-teal" / "teal")
     records = [r for s in art.manifest["steps"] if s["step"] == "sparsify_activations" for r in s["modules"]]
     assert len(records) == 6 and all(r["threshold"] > 0 for r in records if r["target_sparsity"] > 0)
-    ids = np.arange(5, 45, dtype=np.int64)
-    np.testing.assert_allclose(open_runtime("ort-cpu", art).logits(ids), open_runtime("torch", art).logits(ids),
-                               atol=1e-4)
+    _runtimes_agree(art)
 
 
 def test_cost_propagation_does_not_leak_into_later_blocks_inputs(tiny_llama):
@@ -269,12 +279,9 @@ def test_cats_onnx_export_runs_in_ort_like_torch(tiny_llama, int4):
 
 
 def test_cats_recipe_end_to_end_torch_runtime_agrees(tmp_path):
-    from edgecompress.artifact import Artifact
-    from edgecompress.pipeline import run_recipe
-    from edgecompress.recipe import parse_recipe
     from edgecompress.runtimes import open_runtime
 
-    text = textwrap.dedent("""\
+    report, art = _run_tiny("""\
         name: tiny-cats
         model: {source: tiny-llama}
         calibration: {samples: 4, seq_len: 64}
@@ -282,15 +289,10 @@ def test_cats_recipe_end_to_end_torch_runtime_agrees(tmp_path):
           - sparsify_activations: {method: cats, sparsity: 0.5}
         export:
           - {format: onnx, name: cats, accuracy_level: 0}
-        """)
-    recipe = parse_recipe(text)
-    assert recipe.steps[0].allocation == "uniform"  # cats defaults to uniform
-    report = run_recipe(recipe, tmp_path, progress=False)
+        """, tmp_path)
+    assert art.manifest["recipe"]["steps"][0]["sparsify_activations"]["allocation"] == "uniform"  # cats' default
     assert report["exports"]["cats"]["op_counts"]["edgecompress::ActSparse"] == 2
-    art = Artifact.load(tmp_path / "tiny-cats" / "cats")
-    ids = np.arange(5, 45, dtype=np.int64)
-    np.testing.assert_allclose(open_runtime("ort-cpu", art).logits(ids), open_runtime("torch", art).logits(ids),
-                               atol=1e-4)
+    _runtimes_agree(art)
     with pytest.raises(RecipeError, match="already activation-sparse"):
         apply_act_sparsify(open_runtime("torch", art).model, _calib(),
                            ActSparsifyConfig(method="cats", sparsity=0.5, allocation="uniform"))
