@@ -329,6 +329,12 @@ def _inplace_kv_interface(model: onnx.ModelProto) -> onnx.ModelProto:
     outputs = [o for o in g.output if o.name == "logits"]
     del g.output[:]
     g.output.extend(outputs)
+    return prune_dead(model)
+
+
+def prune_dead(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the nodes, inputs and initializers no output depends on (in place)."""
+    g = model.graph
     needed = {o.name for o in g.output}
     kept = []
     for n in reversed(g.node):  # dead-node elimination
