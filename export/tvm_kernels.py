@@ -330,7 +330,29 @@ def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: boo
                         for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
                             for lane in T.vectorized(step):
                                 acc[c * step + lane] = T.float32(0)
-                        for jj in T.serial(start[bi], start[bi + 1]):
+                        for q in T.serial((start[bi + 1] - start[bi]) // 4):  # four active rows per pass
+                            j0 = start[bi] + q * 4
+                            r0 = idx[j0]
+                            r1 = idx[j0 + 1]
+                            r2 = idx[j0 + 2]
+                            r3 = idx[j0 + 3]
+                            x0 = xa[j0]
+                            x1 = xa[j0 + 1]
+                            x2 = xa[j0 + 2]
+                            x3 = xa[j0 + 3]
+                            for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                                for lane in T.vectorized(half):
+                                    acc[c * step + lane] = acc[c * step + lane] + (
+                                        x0 * T.Cast("float32", T.bitwise_and(w[r0, c * half + lane], T.uint8(15)))
+                                        + x1 * T.Cast("float32", T.bitwise_and(w[r1, c * half + lane], T.uint8(15)))
+                                        + x2 * T.Cast("float32", T.bitwise_and(w[r2, c * half + lane], T.uint8(15)))
+                                        + x3 * T.Cast("float32", T.bitwise_and(w[r3, c * half + lane], T.uint8(15))))
+                                    acc[c * step + half + lane] = acc[c * step + half + lane] + (
+                                        x0 * T.Cast("float32", T.shift_right(w[r0, c * half + lane], T.uint8(4)))
+                                        + x1 * T.Cast("float32", T.shift_right(w[r1, c * half + lane], T.uint8(4)))
+                                        + x2 * T.Cast("float32", T.shift_right(w[r2, c * half + lane], T.uint8(4)))
+                                        + x3 * T.Cast("float32", T.shift_right(w[r3, c * half + lane], T.uint8(4))))
+                        for jj in T.serial(start[bi] + (start[bi + 1] - start[bi]) // 4 * 4, start[bi + 1]):
                             row = idx[jj]
                             xv = xa[jj]
                             for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
