@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner  # not imported by `import onnx`; prepare() inlines custom ops with it
 from onnx import numpy_helper
 
 from edgecompress.errors import EdgeCompressError

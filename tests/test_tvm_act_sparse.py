@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
