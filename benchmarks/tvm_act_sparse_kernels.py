@@ -23,14 +23,15 @@ from pathlib import Path
 import numpy as np
 
 
-def _timer(fn, args, number: int = 200):
-    """Seconds per call of ``fn(*args)``, averaged over ``number`` calls (after one warm-up)."""
+def _timer(fn, arg_sets, number: int = 200):
+    """Seconds per call of ``fn``, averaged over ``number`` calls cycling through ``arg_sets`` (after
+    one warm-up)."""
     def run() -> float:
         t0 = time.perf_counter()
-        for _ in range(number):
-            fn(*args)
+        for i in range(number):
+            fn(*arg_sets[i % len(arg_sets)])
         return (time.perf_counter() - t0) / number
-    fn(*args)
+    fn(*arg_sets[0])
     return run
 
 
@@ -39,6 +40,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--copies", type=int, default=1,
+                    help="distinct weight copies cycled through (enough copies, e.g. 48 at 576->1536, make every "
+                    "call read its weights from DRAM instead of the caches)")
+    ap.add_argument("--shapes", default="576x1536,1536x576,4096x4096")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import tvm
@@ -49,13 +54,14 @@ def main() -> None:
     target = kern.target_llvm(threads=args.threads)
     dev = tvm.cpu()
     rows = []
-    for k, n in ((576, 1536), (1536, 576), (4096, 4096)):
+    for k, n in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
         rng = np.random.default_rng(k + n)
         block = args.block
         nb = -(-k // block)
         b = rng.integers(0, 256, (n, nb, block // 2)).astype(np.uint8)
         scales = (rng.random(n * nb) * 0.01).astype(np.float32)
         w, s, _ = kern.pack_act_sparse_nbits(b, scales, None, k, n, block)
+        copies = range(args.copies)
         dense = tvm.compile(tvm.IRModule({"main": kern.matmul_nbits(k, n, 4, block, zero_points=False)
                                           .with_attr("global_symbol", "main")}), target=target)
         sparse = tvm.compile(tvm.IRModule({"main": kern.act_sparse_matmul_nbits(k, n, block, zero_points=False,
@@ -64,12 +70,12 @@ def main() -> None:
         x = rng.standard_normal((1, k)).astype(np.float32)
         t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
         y = t(np.zeros((1, n), np.float32))
-        dense_args = [t(x), t(b), t(scales), y]
+        dense_args = [[t(x), t(b), t(scales), y] for _ in copies]
         dense_bytes = b.nbytes + scales.nbytes
         for sparsity in (0.0, 0.4, 0.5):
             thr = np.full(k, np.quantile(np.abs(x), sparsity) if sparsity else 0.0, np.float32)
             active = np.abs(x[0]) > thr
-            sparse_args = [t(x), t(thr), t(w), t(s), y]
+            sparse_args = [[t(x), t(thr), t(w), t(s), y] for _ in copies]
             touched = np.add.reduceat(active, np.arange(0, k, block)) > 0
             sparse_bytes = int(active.sum()) * w.shape[1] + int(touched.sum()) * s.shape[1] * 4
             fd, fs = _timer(dense["main"], dense_args), _timer(sparse["main"], sparse_args)
