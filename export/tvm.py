@@ -9,9 +9,11 @@ decoder export writes. This module supplies a converter for each one the toolkit
   scheduled attention kernels (grouped heads read their shared KV head; no ``repeat``);
 * ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` -> ``rms_norm``.
 
-``edgecompress::`` custom ops are inlined to their ONNX function bodies before import (their
-weights are then decompressed once, at compile time: they have no native TVM kernel yet; the
-manifest lists them under ``tvm.function_body_ops``). Any other operator the importer lacks is
+``edgecompress::ActSparse`` in front of 4-bit ``MatMulNBits`` (activation-sparse int4 linears) ->
+the activation-sparse kernel (:mod:`.tvm_act_sparse`), which reads only the weight rows of active
+inputs. Other ``edgecompress::`` custom ops are inlined to their ONNX function bodies before import
+(their weights are then decompressed once, at compile time: they have no native TVM kernel yet;
+the manifest lists them under ``tvm.function_body_ops``, the native kernels under ``tvm.kernels``). Any other operator the importer lacks is
 an error naming the node, before any compilation.
 
 The library's calling convention (:data:`INTERFACE`) differs from the ONNX graph's: ``main(input_ids,
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner  # not imported by `import onnx`; prepare() inlines custom ops with it
 from onnx import numpy_helper
 
 from edgecompress.errors import EdgeCompressError
@@ -82,6 +85,28 @@ class _Converters:
         func = kern.matmul_nbits(k, n, bits, block, zero_points=zp is not None)
         gv = bb.add_func(func, f"matmul_nbits_k{k}_n{n}_b{bits}_g{block}{'_zp' if zp is not None else ''}")
         args = [a2, b, relax.op.reshape(scales, [-1])] + ([zp] if zp is not None else [])
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
+        return relax.op.reshape(y, shape[:-1] + [n])
+
+    @staticmethod
+    def act_sparse_matmul_nbits(bb, inputs, attr, params):
+        """``edgecompress::ActSparseMatMulNBits`` (made by :func:`.tvm_act_sparse.fuse_act_sparse`):
+        the activation-sparse 4-bit kernel, rows flattened (prefill runs it once per row)."""
+        from tvm import relax
+
+        from . import tvm_kernels as kern
+
+        x, thr, w, scales = inputs[:4]
+        zeros = inputs[4] if len(inputs) > 4 and inputs[4] is not None else None
+        k, n, block, parts = (int(attr[a]) for a in ("K", "N", "block_size", "parts"))
+        shape = _shape(x)
+        rows = 1
+        for d in shape[:-1]:
+            rows = rows * d
+        x2 = bb.emit(relax.op.reshape(x, [rows, k]))
+        func = kern.act_sparse_matmul_nbits(k, n, block, zero_points=zeros is not None, parts=parts)
+        gv = bb.add_func(func, f"act_sparse_matmul_nbits_k{k}_n{n}_g{block}{'_zp' if zeros is not None else ''}")
+        args = [x2, thr, w, scales] + ([zeros] if zeros is not None else [])
         y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
         return relax.op.reshape(y, shape[:-1] + [n])
 
@@ -222,6 +247,7 @@ CONTRIB_CONVERTERS = {
     "SimplifiedLayerNormalization": _Converters.simplified_layer_norm,
     "SkipSimplifiedLayerNormalization": _Converters.skip_simplified_layer_norm,
     "GroupQueryAttention": _Converters.group_query_attention,
+    "ActSparseMatMulNBits": _Converters.act_sparse_matmul_nbits,
 }
 
 
@@ -247,12 +273,15 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
                 if n.op_type not in table and n.op_type not in ("Constant", "If")]
 
 
-def prepare(model: onnx.ModelProto, *, logits_to_keep: int) -> tuple[onnx.ModelProto, list[str]]:
+def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = True,
+            parts: int = 2) -> tuple[onnx.ModelProto, list[str]]:
     """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded
     (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
-    inputs, Relax could not fold them and would recompute them every token.
+    inputs, Relax could not fold them and would recompute them every token. With ``act_sparse``,
+    ``ActSparse`` -> 4-bit ``MatMulNBits`` pairs become the native activation-sparse kernel
+    (:mod:`.tvm_act_sparse`, ``parts`` threads).
 
-    Returns the model and the custom ops that were inlined to their function bodies.
+    Returns the model and the custom ops that run as their function bodies.
     """
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
                      if n.domain not in ("", "ai.onnx", "com.microsoft")})
@@ -267,7 +296,17 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int) -> tuple[onnx.ModelP
         keep = [i for i in g.input if i.name != "logits_to_keep"]
         del g.input[:]
         g.input.extend(keep)
-    return _inplace_kv_interface(fold_constants(model)), custom
+    model = fold_constants(model)
+    if act_sparse:
+        from .tvm_act_sparse import fuse_act_sparse
+
+        fused = fuse_act_sparse(model, parts=parts)
+        if fused.sites and not fused.function_body_sites:
+            custom = [c for c in custom if c != "edgecompress::ActSparse"]
+        if fused.sites:
+            log.info("activation-sparse kernel for %d linears; %d of %d ActSparse sites keep the function body",
+                     fused.linears, fused.function_body_sites, fused.sites)
+    return _inplace_kv_interface(model), custom
 
 
 def _inplace_kv_interface(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -291,6 +330,12 @@ def _inplace_kv_interface(model: onnx.ModelProto) -> onnx.ModelProto:
     outputs = [o for o in g.output if o.name == "logits"]
     del g.output[:]
     g.output.extend(outputs)
+    return prune_dead(model)
+
+
+def prune_dead(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the nodes, inputs and initializers no output depends on (in place)."""
+    g = model.graph
     needed = {o.name for o in g.output}
     kept = []
     for n in reversed(g.node):  # dead-node elimination
@@ -371,6 +416,19 @@ def compile_library(mod, target):
     return tvm.compile(mod, target=target, relax_pipeline=pipeline)
 
 
+def _native_kernels(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes per native kernel in the prepared graph (the manifest's ``tvm.kernels``)."""
+    from .tvm_act_sparse import FUSED
+
+    names = {"MatMulNBits": "matmul_nbits", "GatherBlockQuantized": "gather_block_quantized",
+             FUSED: "act_sparse_matmul_nbits", "GroupQueryAttention": "attention"}
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in names:
+            counts[names[n.op_type]] = counts.get(names[n.op_type], 0) + 1
+    return counts
+
+
 def kv_layout(model: onnx.ModelProto) -> dict[str, int]:
     """Layers, KV heads and head size of a decoder, from its ``past_key_values.*`` inputs."""
     past = [i for i in model.graph.input if i.name.startswith("past_key_values.")]
@@ -391,7 +449,7 @@ def _max_positions(model: onnx.ModelProto) -> int | None:
 
 
 def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None = None,
-                  threads: int | None = None) -> dict[str, Any]:
+                  threads: int | None = None, act_sparse: bool = True) -> dict[str, Any]:
     """Compile the KV-cache decoder at ``onnx_path`` into ``dest`` (``model.so`` +
     ``params.safetensors``) for ``target`` (default: LLVM for ``mcpu``, default this machine's
     CPU); returns the manifest's ``tvm`` section: what the library needs to load (TVM version,
@@ -404,7 +462,8 @@ def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None 
     model = onnx.load(str(onnx_path))
     layout = kv_layout(model)
     t0 = time.perf_counter()
-    prepared, custom = prepare(model, logits_to_keep=0)
+    prepared, custom = prepare(model, logits_to_keep=0, act_sparse=act_sparse, parts=threads or 2)
+    kernels = _native_kernels(prepared)
     layout["max_positions"] = _max_positions(prepared)
     mod, params = import_relax(prepared)
     import_s = time.perf_counter() - t0
@@ -418,4 +477,4 @@ def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None 
             "target": {k: (list(v) if k == "keys" else str(v)) for k, v in target.export().items() if k != "tag"},
             "triple": str(target.attrs.get("mtriple") or host["triple"]),
             "mcpu": str(target.attrs.get("mcpu") or host["mcpu"]), "kv_cache": layout, "params": len(params),
-            "function_body_ops": custom, "import_seconds": round(import_s, 1), "compile_seconds": round(compile_s, 1)}
+            "kernels": kernels, "function_body_ops": custom, "import_seconds": round(import_s, 1), "compile_seconds": round(compile_s, 1)}

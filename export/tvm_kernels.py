@@ -245,3 +245,151 @@ def host() -> dict[str, str]:
 
     return {"tvm_version": tvm.__version__, "triple": str(codegen.llvm_get_system_triple()),
             "mcpu": str(codegen.llvm_get_system_cpu())}
+
+
+# ----------------------------------------------------------------------------- activation-sparse int4 GEMV
+
+SPARSE_LANES = 16  # bytes of one input channel's packed row read per vector step (32 outputs)
+
+
+def pack_act_sparse_nbits(b, scales, zero_points, k: int, n: int, block_size: int):
+    """MatMulNBits' 4-bit ``B [N, n_blocks, block/2]`` (+ ``scales [N * n_blocks]``, optional packed
+    ``zero_points``) in the input-major layout of :func:`act_sparse_matmul_nbits`: returns
+    ``(w [K, Np/2] uint8, scales [n_blocks, Np] float32, zeros [n_blocks, Np] float32 or None)``,
+    ``Np = N`` rounded up to a multiple of 32. In row ``k``, byte ``c*16 + l`` holds output
+    ``c*32 + l`` in its low nibble and output ``c*32 + 16 + l`` in its high nibble, so one active
+    input channel is one contiguous stretch of ``Np/2`` bytes. Padded outputs get scale 0."""
+    import numpy as np
+
+    nb = -(-k // block_size)
+    step = 2 * SPARSE_LANES
+    npad = -(-n // step) * step
+    b = np.asarray(b, np.uint8).reshape(n, nb, block_size // 2)
+    codes = np.stack([b & 15, b >> 4], -1).reshape(n, nb * block_size)[:, :k]  # [N, K], low nibble = even k
+    codes = np.concatenate([codes, np.full((npad - n, k), 8, np.uint8)]).T.reshape(k, npad // step, 2, SPARSE_LANES)
+    w = np.ascontiguousarray(codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).reshape(k, npad // 2)
+    s = np.zeros((nb, npad), np.float32)
+    s[:, :n] = np.asarray(scales, np.float32).reshape(n, nb).T
+    z = None
+    if zero_points is not None:
+        zp = np.asarray(zero_points, np.uint8).reshape(n, -1)
+        z = np.full((nb, npad), 8.0, np.float32)
+        z[:, :n] = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :nb].T
+    return w, s, z
+
+
+def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2) -> tirx.PrimFunc:
+    """``Y[m, :N] = dequant(W) @ where(|A[m]| > thr, A[m], 0)`` reading only the weights of active inputs.
+
+    Arguments: ``A [m, K]`` float32, ``thr [K]`` float32, ``w [K, Np/2]`` uint8, ``scales [nb, Np]``,
+    optional ``zeros [nb, Np]`` float32 (default 8), the layout of :func:`pack_act_sparse_nbits`. Per
+    row: a serial pass compacts the active channels (indices, values, where each K-block starts, the
+    block's sum of active values); then ``parts`` threads each own a contiguous range of outputs
+    and, per block with any active channel, accumulate ``x_k * code[k, :]`` over its active rows
+    (16-byte vectors: two nibbles -> 32 outputs), then add ``scale * (acc - zero * sum_x)``.
+    Inactive channels' weight rows are never read. ``m > 1`` (prefill) runs the same per row."""
+    from tvm.script import tirx as T
+
+    nb = -(-k // block_size)
+    step = 2 * SPARSE_LANES
+    chunks = -(-n // step)
+    npad = chunks * step
+    parts = max(1, min(parts, chunks))
+    half = SPARSE_LANES
+
+    @T.macro
+    def body(a, thr, w, s, z, y, m):
+        idx = T.alloc_buffer((k,), "int32")
+        xa = T.alloc_buffer((k,), "float32")
+        start = T.alloc_buffer((nb + 1,), "int32")
+        xsum = T.alloc_buffer((nb,), "float32")
+        acc = T.alloc_buffer((npad,), "float32")
+        out = T.alloc_buffer((npad,), "float32")
+        cnt = T.alloc_buffer((1,), "int32")
+        for r in T.serial(m):
+            cnt[0] = 0
+            for bi in T.serial(nb):
+                start[bi] = cnt[0]
+                xsum[bi] = T.float32(0)
+                for j in T.serial(block_size):
+                    if bi * block_size + j < k:
+                        kk = bi * block_size + j
+                        v = a[r, kk]
+                        on = T.abs(v) > thr[kk]
+                        idx[cnt[0]] = kk
+                        xa[cnt[0]] = v
+                        xsum[bi] = xsum[bi] + T.Select(on, v, T.float32(0))
+                        cnt[0] = cnt[0] + T.Cast("int32", on)
+            start[nb] = cnt[0]
+            for p in T.parallel(parts):
+                for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                    for lane in T.vectorized(step):
+                        out[c * step + lane] = T.float32(0)
+                for bi in T.serial(nb):
+                    if start[bi + 1] > start[bi]:
+                        for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                            for lane in T.vectorized(step):
+                                acc[c * step + lane] = T.float32(0)
+                        for q in T.serial((start[bi + 1] - start[bi]) // 4):  # four active rows per pass
+                            j0 = start[bi] + q * 4
+                            r0 = idx[j0]
+                            r1 = idx[j0 + 1]
+                            r2 = idx[j0 + 2]
+                            r3 = idx[j0 + 3]
+                            x0 = xa[j0]
+                            x1 = xa[j0 + 1]
+                            x2 = xa[j0 + 2]
+                            x3 = xa[j0 + 3]
+                            for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                                for lane in T.vectorized(half):
+                                    acc[c * step + lane] = acc[c * step + lane] + (
+                                        x0 * T.Cast("float32", T.bitwise_and(w[r0, c * half + lane], T.uint8(15)))
+                                        + x1 * T.Cast("float32", T.bitwise_and(w[r1, c * half + lane], T.uint8(15)))
+                                        + x2 * T.Cast("float32", T.bitwise_and(w[r2, c * half + lane], T.uint8(15)))
+                                        + x3 * T.Cast("float32", T.bitwise_and(w[r3, c * half + lane], T.uint8(15))))
+                                    acc[c * step + half + lane] = acc[c * step + half + lane] + (
+                                        x0 * T.Cast("float32", T.shift_right(w[r0, c * half + lane], T.uint8(4)))
+                                        + x1 * T.Cast("float32", T.shift_right(w[r1, c * half + lane], T.uint8(4)))
+                                        + x2 * T.Cast("float32", T.shift_right(w[r2, c * half + lane], T.uint8(4)))
+                                        + x3 * T.Cast("float32", T.shift_right(w[r3, c * half + lane], T.uint8(4))))
+                        for jj in T.serial(start[bi] + (start[bi + 1] - start[bi]) // 4 * 4, start[bi + 1]):
+                            row = idx[jj]
+                            xv = xa[jj]
+                            for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                                for lane in T.vectorized(half):
+                                    acc[c * step + lane] = acc[c * step + lane] + xv * T.Cast(
+                                        "float32", T.bitwise_and(w[row, c * half + lane], T.uint8(15)))
+                                    acc[c * step + half + lane] = acc[c * step + half + lane] + xv * T.Cast(
+                                        "float32", T.shift_right(w[row, c * half + lane], T.uint8(4)))
+                        for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                            for lane in T.vectorized(step):
+                                if zero_points:
+                                    out[c * step + lane] = out[c * step + lane] + s[bi, c * step + lane] * (
+                                        acc[c * step + lane] - z[bi, c * step + lane] * xsum[bi])
+                                else:
+                                    out[c * step + lane] = out[c * step + lane] + s[bi, c * step + lane] * (
+                                        acc[c * step + lane] - T.float32(8) * xsum[bi])
+                for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                    for lane in T.serial(step):
+                        if c * step + lane < n:
+                            y[r, c * step + lane] = out[c * step + lane]
+
+    if zero_points:
+        @T.prim_func(private=True)
+        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
+                 s: T.Buffer((nb, npad), "float32"), z: T.Buffer((nb, npad), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, k), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(a, thr, w, s, z, y, m)
+    else:
+        @T.prim_func(private=True)
+        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
+                 s: T.Buffer((nb, npad), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, k), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(a, thr, w, s, s, y, m)
+    return _finish(func)

@@ -10,7 +10,7 @@ It runs two kinds of causal-LM artifact:
 * an **ONNX artifact**: compiled for this machine's CPU on first use (seconds for SmolLM2-135M)
   into the cache, ``~/.cache/edgecompress/tvm/<key>`` (or ``$EDGECOMPRESS_CACHE/tvm``), keyed by
   the ONNX files' sha256, the TVM version, the CPU, the calling convention and the compiler's own
-  source (``export/tvm.py``, ``export/tvm_kernels.py``), and reused after.
+  source (``export/tvm.py``, ``export/tvm_kernels.py``, ``export/tvm_act_sparse.py``), and reused after.
 
 Both run the same library, ``main(input_ids, *kv_cache_views, *params) -> logits`` (and
 ``decode``, the same for one new token with static shapes): the runtime
@@ -77,9 +77,11 @@ def _cache_key(artifact: Artifact) -> str:
     if not onnx_files:  # a folder without hashes: hash the graph file itself
         onnx_files = {artifact.onnx_path.name: hashlib.sha256(artifact.onnx_path.read_bytes()).hexdigest()}
     import edgecompress.export.tvm as compiler
+    import edgecompress.export.tvm_act_sparse as act_sparse
     import edgecompress.export.tvm_kernels as kernels
 
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (compiler, kernels))).hexdigest()
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                   for m in (compiler, kernels, act_sparse))).hexdigest()
     blob = json.dumps({"onnx": onnx_files, "host": host(), "interface": INTERFACE, "compiler": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
