@@ -1077,7 +1077,8 @@ class Recipe(BaseModel):
                             "target npu-qnn needs static shapes; missing dimension(s): {missing} (calibration data "
                             "{data} is {kind})", {"missing": need, "data": _show(cal.data),
                                                  "kind": "images" if need == "image_size" else "text"})
-                    for i, e in enumerate(exports) if e.target == "npu-qnn" and need not in (e.static_shapes or {})]
+                    for i, e in enumerate(exports) if e.target == "npu-qnn" and need not in (e.static_shapes or {})
+                    and not (need == "sequence_length" and "prefill_len" in (e.static_shapes or {}))]  # causal LMs
         if problems:
             raise ValidationError.from_exception_data("ExportSpec", problems)
         return exports
