@@ -164,6 +164,8 @@ def test_qdq_artifact_runs_fully_on_the_htp(npu_artifact, tiny):
     assert rel_rms(cpu.logits(ids), got) < 0.03  # same artifact on the CPU EP; measured ~0.01
 
     prompt = [int(t) for t in ids[:8]]
+    forced = cpu.forced_decode(prompt, [int(t) for t in ids[8:12]])  # the decode graph, teacher-forced
+    assert forced.shape == (5, ref.shape[1]) and rel_rms(forced, ref[7:12]) < 0.05
     gen = htp.generate(prompt, 6)
     with torch.no_grad():
         want = tiny.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, 8:].tolist()
