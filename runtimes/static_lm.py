@@ -91,16 +91,21 @@ class StaticLMRuntime(Runtime):
         more = [self._decode(cache, int(t), pos) for pos, t in enumerate(ids[len(head):], start=len(head))]
         return (np.concatenate([logits, np.stack(more)]) if more else logits), cache
 
-    def forced_decode(self, prompt_ids: list[int], tokens: list[int]) -> np.ndarray:
+    def forced_decode(self, prompt_ids: list[int], tokens: list[int],
+                      on_step: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
         """Logits ``[1 + len(tokens), V]``: after the prompt (prefill), then after each of ``tokens`` fed to the
-        **decode graph** one at a time (teacher forcing), whatever the prompt length."""
+        **decode graph** one at a time (teacher forcing). ``on_step(i, logits)``: called after each of them."""
         ids = np.asarray(prompt_ids, np.int64).reshape(-1)
         if len(ids) > self.prefill_len:
             raise EdgeCompressError(f"a {len(ids)}-token prompt is longer than prefill_len {self.prefill_len}")
         if len(ids) + len(tokens) > self.max_context:
             raise EdgeCompressError(f"{len(ids)} + {len(tokens)} tokens do not fit max_context {self.max_context}")
         logits, cache = self._fill(ids)
-        out = [logits[-1]] + [self._decode(cache, int(t), pos) for pos, t in enumerate(tokens, start=len(ids))]
+        out = [logits[-1]]
+        for i, t in enumerate(tokens):
+            out.append(self._decode(cache, int(t), len(ids) + i))
+            if on_step is not None:
+                on_step(i, out[-1])
         return np.stack(out).astype(np.float32)
 
     # ------------------------------------------------------------------ Runtime
