@@ -330,7 +330,8 @@ def quantize_for_qnn(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
     ``weight_scales``: per-output-channel scales of weights already rounded to their int8 grid
     (:mod:`~edgecompress.compress.quant.conv_rounding`), used as given instead of ``max|W_c| / 127``.
     ``table_type``: the type of ``Gather`` tables (embeddings, RoPE cos/sin), uint8 or uint16: a Gather's output
-    keeps its table's type, and QNN HTP cannot finalize ``LpNormalization`` (a causal LM's RMSNorm) on uint8."""
+    keeps its table's type, and QNN HTP failed to finalize an ``LpNormalization`` (a causal LM's RMSNorm) reading
+    a uint8 Gather output (``QNN_COMMON_ERROR_MEM_ALLOC``); with a uint16 table it runs."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 

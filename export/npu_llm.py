@@ -18,7 +18,7 @@ a QDQ ``x*x`` over Llama's residual stream would need a range of 1e4+ and lose t
 attention mask as ``(1 - allowed) * float32.min`` (clamped to -100 by the NPU passes).
 
 The RMSNorm form drops ``eps`` (``x / sqrt(mean(x^2) + eps)`` vs ``x / sqrt(mean(x^2))``): a relative change
-of ``eps / mean(x^2)`` to the norm, ~1e-4 for trained models' hidden states.
+of about ``eps / (2 mean(x^2))`` to the output (the tests compare with the model's eps set to 0, exactly).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class StaticLlama(nn.Module):
     # ------------------------------------------------------------------ pieces
     @staticmethod
     def _rms(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        # (QNN HTP 2.7 fails to finalize a 3-D LpNormalization: it runs on [rows, hidden])
+        # on [rows, hidden], the 2-D form MiniLM's LpNormalization runs in on the HTP
         return _LpNormalize.apply(x.reshape(-1, x.shape[-1])).reshape(x.shape) * gamma
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
