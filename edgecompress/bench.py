@@ -63,7 +63,10 @@ def bench_artifact(artifact: Artifact, runtime: str = "ort-cpu", *, prompt_token
     rt.generate(prompt[: min(32, prompt_tokens)], 4)  # warm-up: allocations, kernel selection
     runs = [rt.generate(prompt, new_tokens) for _ in range(repeats)]
     weights = artifact.manifest.get("weights", {})
+    # a static NPU LM on qnn-htp: nodes per execution provider of each graph (CPU fallback is disabled at load)
+    placed = {"placement": rt.placement, "compiled_from": rt.compiled_from} if hasattr(rt, "placement") else {}
     return {
+        **placed,
         "artifact": str(artifact.path),
         "runtime": runtime,
         "threads": threads,

@@ -314,10 +314,20 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
         finally:
             shutil.rmtree(onnx_dir, ignore_errors=True)
     npu = spec.target == "npu-qnn"
-    if npu and loaded.task not in ("sentence-encoder", "image-classifier"):
-        raise EdgeCompressError(f"the npu-qnn target exports sentence encoders and image classifiers in this "
-                                f"release, not {loaded.task}",
-                                hint="export causal LMs for the cpu target (the NPU prefill/decode pair is not built yet)")
+    if npu and loaded.task not in ("sentence-encoder", "image-classifier", "causal-lm"):
+        raise EdgeCompressError(f"the npu-qnn target exports causal LMs, sentence encoders and image classifiers, "
+                                f"not {loaded.task}", hint="export it for the cpu target")
+    if npu and loaded.task == "causal-lm":
+        from edgecompress.export.npu_llm import export_npu_causal_lm
+
+        if calibration is None:
+            raise EdgeCompressError("the npu-qnn export of a causal LM needs the recipe's calibration windows")
+        dest.mkdir(parents=True)
+        with ticker(2, f"exporting {spec.name} (prefill + decode graphs) for the NPU", progress) as advance:
+            body = export_npu_causal_lm(model, dest, np.asarray(calibration), static_shapes=spec.static_shapes,
+                                        activations=spec.npu_activations, progress=advance)
+        loaded.save_hf_files(dest, model=model)
+        return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
     exporters = {"causal-lm": export_causal_lm, "sentence-encoder": export_sentence_encoder}
     if not npu and loaded.task not in exporters:
         raise EdgeCompressError(f"ONNX export of {loaded.task} models for the cpu target is not implemented yet",
@@ -441,7 +451,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
             src = reference if spec.reference else model
             manifest = {**base_manifest, "steps": [] if spec.reference else steps}
             m = export_target(src, loaded, tmp / spec.name, spec, manifest, progress=progress,
-                              calibration=windows if loaded.task != "causal-lm" else None)
+                              calibration=windows if loaded.task != "causal-lm" or spec.target == "npu-qnn" else None)
             report["exports"][spec.name] = {"size_mb": m["size_bytes"] / 1e6, **m["weights"],
                                             "op_counts": (m.get("onnx") or m["onnx_source"])["op_counts"], "reference": spec.reference}
         timings["export_s"] = time.perf_counter() - t

@@ -882,8 +882,8 @@ class ExportSpec(BaseModel):
     target: ExportTarget = Field(
         "cpu",
         description="Hardware the export is built for: cpu, or npu-qnn (Qualcomm HTP through onnxruntime-qnn: "
-        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders and image "
-        "classifiers); format tvm: llvm (the default; TVM's old string form 'llvm -mcpu=NAME' is translated).",
+        "static shapes, QDQ with calibrated activations, int8 per-channel weights; sentence encoders, image "
+        "classifiers, causal LMs as a prefill graph + a decode graph); format tvm: llvm (the default; TVM's old string form 'llvm -mcpu=NAME' is translated).",
     )
     mcpu: StrictStr | None = Field(
         None, min_length=1,
@@ -893,7 +893,8 @@ class ExportSpec(BaseModel):
     static_shapes: dict[str, StrictInt] | None = Field(
         None,
         description="npu-qnn: the value of every symbolic input dimension, e.g. {batch_size: 1, sequence_length: 64}; "
-        "image classifiers: {batch_size: 1, image_size: 224}.",
+        "image classifiers: {batch_size: 1, image_size: 224}; causal LMs: {prefill_len: 128, max_context: 256} (the "
+        "prefill graph's length and the fixed KV cache's size).",
     )
     npu_activations: NpuActivations = Field(
         "uint16", description="npu-qnn: activation type of the QDQ graph, uint16 or uint8."
@@ -957,14 +958,20 @@ class ExportSpec(BaseModel):
     def _npu_needs_static_shapes(self) -> ExportSpec:
         if self.target == "npu-qnn":
             shapes = self.static_shapes or {}
-            missing = [d for d in ("batch_size",) if d not in shapes]
-            if not {"sequence_length", "image_size"} & set(shapes):
-                missing.append("sequence_length (text) or image_size (images)")
+            llm = ("prefill_len", "max_context")
+            if set(llm) & set(shapes):  # a causal LM's prefill/decode pair
+                missing = [d for d in llm if d not in shapes]
+            else:
+                missing = [d for d in ("batch_size",) if d not in shapes]
+                if not {"sequence_length", "image_size"} & set(shapes):
+                    missing.append("sequence_length (encoders), image_size (images) or prefill_len and max_context "
+                                   "(causal LMs)")
             if missing:
                 raise _located_error(
                     ("static_shapes",), self.static_shapes, "npu_static_shapes",
                     "target npu-qnn needs static shapes; missing dimension(s): {missing} "
-                    "(e.g. static_shapes with batch_size: 1 and sequence_length: 64, or image_size: 224)",
+                    "(e.g. static_shapes with batch_size: 1 and sequence_length: 64, or image_size: 224, or "
+                    "prefill_len: 128 and max_context: 256)",
                     {"missing": ", ".join(missing)},
                 )
             bad = {k: v for k, v in self.static_shapes.items() if v < 1}
@@ -1097,7 +1104,8 @@ class Recipe(BaseModel):
                             "target npu-qnn needs static shapes; missing dimension(s): {missing} (calibration data "
                             "{data} is {kind})", {"missing": need, "data": _show(cal.data),
                                                  "kind": "images" if need == "image_size" else "text"})
-                    for i, e in enumerate(exports) if e.target == "npu-qnn" and need not in (e.static_shapes or {})]
+                    for i, e in enumerate(exports) if e.target == "npu-qnn" and need not in (e.static_shapes or {})
+                    and not (need == "sequence_length" and "prefill_len" in (e.static_shapes or {}))]  # causal LMs
         if problems:
             raise ValidationError.from_exception_data("ExportSpec", problems)
         return exports

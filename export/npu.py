@@ -323,11 +323,15 @@ def prepare_for_npu(model: onnx.ModelProto, dims: Mapping[str, int]) -> tuple[on
 
 def quantize_for_qnn(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], *,
                      activations: str = "uint16",
-                     weight_scales: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+                     weight_scales: Mapping[str, np.ndarray] | None = None,
+                     table_type: str = "uint8") -> onnx.ModelProto:
     """QDQ ``model`` for QNN HTP: calibrated ``activations`` (uint16 | uint8), int8 per-channel
     MatMul/Gemm/Conv weights, uint8 other constants. ``feeds``: calibration inputs with the static shapes.
     ``weight_scales``: per-output-channel scales of weights already rounded to their int8 grid
-    (:mod:`~edgecompress.compress.quant.conv_rounding`), used as given instead of ``max|W_c| / 127``."""
+    (:mod:`~edgecompress.compress.quant.conv_rounding`), used as given instead of ``max|W_c| / 127``.
+    ``table_type``: the type of ``Gather`` tables (embeddings, RoPE cos/sin), uint8 or uint16: a Gather's output
+    keeps its table's type, and QNN HTP failed to finalize an ``LpNormalization`` (a causal LM's RMSNorm) reading
+    a uint8 Gather output (``QNN_COMMON_ERROR_MEM_ALLOC``); with a uint16 table it runs."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
@@ -356,7 +360,7 @@ def quantize_for_qnn(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
                                          for sc in np.asarray(weight_scales[n.input[1]], np.float32)]
     for n in model.graph.node:  # lookup tables (embeddings): 8-bit like the other weights, not activation-typed
         if n.op_type == "Gather" and n.input[0] in inits:
-            overrides[n.input[0]] = [{"quant_type": QuantType.QUInt8}]
+            overrides[n.input[0]] = [{"quant_type": QuantType.QUInt16 if table_type == "uint16" else QuantType.QUInt8}]
     # Softmax and Clip get their function's range; Sigmoid/Tanh are left to ORT's QNN rules, which pin
     # the exact scale and zero point the HTP requires for them at 16 bits
     for t, (lo, hi) in fixed_ranges(model).items():
@@ -523,12 +527,16 @@ def _off_grid(qdq: onnx.ModelProto, rounded: Mapping[str, np.ndarray]) -> dict[s
 def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str, np.ndarray]], *,
                        static_shapes: Mapping[str, int], activations: str = "uint16",
                        weight_scales: Mapping[str, np.ndarray] | None = None,
-                       rounded_weights: Mapping[str, np.ndarray] | None = None) -> dict:
+                       rounded_weights: Mapping[str, np.ndarray] | None = None,
+                       model_file: str | None = None, context_file: str | None = None,
+                       table_type: str = "uint8") -> dict:
     """Prepare (static shapes, rewrites, op check), QDQ-quantize on ``feeds`` and write ``dest/model.onnx``
     (+ the compiled HTP context when onnxruntime-qnn is installed). Returns manifest fields.
 
     ``weight_scales`` / ``rounded_weights``: weights already on their int8 grid and its scales; the QDQ
-    model must reproduce them exactly (checked: an :class:`NpuExportError` names any that moved)."""
+    model must reproduce them exactly (checked: an :class:`NpuExportError` names any that moved).
+    ``model_file`` / ``context_file``: file names in ``dest`` (default ``model.onnx`` / ``model_ctx.onnx``);
+    ``table_type``: see :func:`quantize_for_qnn`."""
     from edgecompress.runtimes.qnn_htp import (
         CONTEXT_FILE,
         htp_session,
@@ -538,8 +546,9 @@ def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str,
 
     from .onnx_export import MODEL_FILE
 
+    model_file, context_file = model_file or MODEL_FILE, context_file or CONTEXT_FILE
     proto, rewrites = prepare_for_npu(proto, static_shapes)
-    qdq = quantize_for_qnn(proto, feeds, activations=activations, weight_scales=weight_scales)
+    qdq = quantize_for_qnn(proto, feeds, activations=activations, weight_scales=weight_scales, table_type=table_type)
     off: dict[str, dict] = {}
     if rounded_weights:
         # ONNX Runtime widens a channel's weight scale when its bias would overflow int32 at input scale x
@@ -553,22 +562,22 @@ def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str,
         if off:
             log.info("ONNX Runtime widened the int8 scale of %d near-dead channel(s) in %d layer(s) for their int32 "
                      "bias", sum(v["channels"] for v in off.values()), len(off))
-    onnx.save(qdq, str(dest / MODEL_FILE))
+    onnx.save(qdq, str(dest / model_file))
     ops: dict[str, int] = {}
     for node in qdq.graph.node:
         key = f"{node.domain + '::' if node.domain else ''}{node.op_type}"
         ops[key] = ops.get(key, 0) + 1
     npu = {"target": "qnn-htp", "static_shapes": dict(static_shapes), "activations": activations,
            "inputs": {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in qdq.graph.input},
-           "weights": "int8 symmetric per output channel (MatMul/Gemm/Conv); uint8 per tensor (embedding tables, "
-                      "other constants)",
+           "weights": f"int8 symmetric per output channel (MatMul/Gemm/Conv); {table_type} per tensor (Gather "
+                      "tables: embeddings, RoPE); uint8 per tensor (other constants)",
            "calibration_feeds": len(feeds), "rewrites": rewrites, "onnxruntime_qnn": qnn_version(),
            **({"bias_widened_channels": off} if rounded_weights else {}),
            "context": None, "placement": None}
     if npu["onnxruntime_qnn"] is not None:
-        session = htp_session(dest / MODEL_FILE, profile=True, context_out=dest / CONTEXT_FILE)
+        session = htp_session(dest / model_file, profile=True, context_out=dest / context_file)
         npu["placement"] = placement(session, feeds[0])
-        npu["context"] = CONTEXT_FILE
+        npu["context"] = context_file
         cpu = {ep: n for ep, n in npu["placement"].items() if ep != "QNNExecutionProvider"}
         if cpu:  # cannot happen with fallback disabled; kept as a guard on the measurement itself
             raise NpuExportError(f"nodes ran outside the HTP: {cpu}")
@@ -576,7 +585,7 @@ def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str,
         log.warning("onnxruntime-qnn is not installed: the NPU artifact has no compiled context (it is compiled "
                     "at load time on the device)")
     return {
-        "onnx": {"model": MODEL_FILE, "external_data": None,
+        "onnx": {"model": model_file, "external_data": None,
                  "opset": {imp.domain or "ai.onnx": imp.version for imp in qdq.opset_import},
                  "op_counts": dict(sorted(ops.items())), "inputs": [i.name for i in qdq.graph.input]},
         "npu": npu,

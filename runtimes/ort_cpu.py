@@ -17,6 +17,7 @@ from edgecompress.artifact import Artifact
 from edgecompress.errors import ArtifactError
 
 from .base import ClassifierRuntime, EncoderRuntime, Generation, Runtime, Timer, run_static, static_shape
+from .static_lm import StaticLMRuntime
 
 log = logging.getLogger(__name__)
 
@@ -156,3 +157,17 @@ class OrtCpuRuntime(Runtime):
                 if on_token:
                     on_token(tok)
         return Generation(tokens, p, prefill.seconds, decode.seconds)
+
+
+class OrtCpuStaticLM(StaticLMRuntime):
+    """A static causal-LM NPU artifact's QDQ prefill/decode graphs on ONNX Runtime CPU (the comparison with the HTP)."""
+
+    name = "ort-cpu"
+
+    def _open(self, folder, graph):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        return ort.InferenceSession(str(folder / graph["model"]), so, providers=["CPUExecutionProvider"])

@@ -26,6 +26,7 @@ from edgecompress.artifact import Artifact
 from edgecompress.errors import ArtifactError, EdgeCompressError
 
 from .base import ClassifierRuntime, EncoderRuntime, run_static, static_shape
+from .static_lm import StaticLMRuntime
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,19 @@ def artifact_session(artifact: Artifact, threads: int | None = None):
         raise ArtifactError(f"{artifact.path} is not an NPU artifact (no static shapes in its manifest)",
                             hint="export it with `target: npu-qnn` and static_shapes, or use runtime ort-cpu")
     ctx = artifact.path / npu["context"] if npu.get("context") else None
-    built_with, here = npu.get("onnxruntime_qnn"), qnn_version()
+    return context_or_qdq(artifact.onnx_path, ctx, npu.get("onnxruntime_qnn"), threads)
+
+
+def context_or_qdq(model: Path, ctx: Path | None, built_with: str | None, threads: int | None = None):
+    """``(session, "context" | "qdq")`` on the compiled context ``ctx`` when this onnxruntime-qnn built it,
+    else on the QDQ ``model`` (compiled now)."""
+    here = qnn_version()
     if ctx is not None and ctx.exists() and built_with == here:
         return htp_session(ctx, threads=threads), "context"
     if ctx is not None:
-        log.warning("the QNN context in %s was built by onnxruntime-qnn %s, this is %s: compiling the QDQ "
-                    "model instead", artifact.path, built_with, here)
-    return htp_session(artifact.onnx_path, threads=threads), "qdq"
+        log.warning("the QNN context %s was built by onnxruntime-qnn %s, this is %s: compiling the QDQ "
+                    "model instead", ctx, built_with, here)
+    return htp_session(model, threads=threads), "qdq"
 
 
 class QnnHtpEncoder(EncoderRuntime):
@@ -147,3 +154,24 @@ class QnnHtpClassifier(ClassifierRuntime):
 
     def _run(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.session.run(["logits"], {"pixel_values": pixel_values})[0]
+
+
+class QnnHtpLM(StaticLMRuntime):
+    """A static causal-LM NPU artifact (prefill + decode graphs) on the QNN HTP backend, CPU fallback disabled:
+    a graph with any node the HTP cannot run fails to load. ``placement``: the nodes per execution provider
+    of each graph, measured at export (ORT's profile)."""
+
+    name = "qnn-htp"
+
+    def __init__(self, artifact: Artifact, *, threads: int | None = None):
+        self.compiled_from: dict[str, str] = {}
+        super().__init__(artifact, threads=threads)
+        graphs = artifact.manifest["npu"]["graphs"]
+        self.placement = {g: graphs[g].get("placement") for g in ("prefill", "decode")}
+
+    def _open(self, folder: Path, graph: dict):
+        ctx = folder / graph["context"] if graph.get("context") else None
+        session, how = context_or_qdq(folder / graph["model"], ctx, self.artifact.manifest["npu"].get("onnxruntime_qnn"),
+                                      self.threads)
+        self.compiled_from[graph["model"]] = how
+        return session

@@ -1,0 +1,194 @@
+"""NPU form of a causal LM (export/npu_llm.py, runtimes/static_lm.py): the static float prefill/decode graphs
+against the Hugging Face model, the QDQ artifact on the HTP simulator (CPU fallback disabled) and on ort-cpu,
+and the static-shape errors. tiny-llama only: the simulator is slow."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgecompress.cli import main
+from edgecompress.errors import EdgeCompressError
+from edgecompress.export.npu import NpuExportError, prepare_for_npu, unsupported_nodes
+from edgecompress.export.npu_llm import llm_static_dims, static_llm_onnx
+from edgecompress.models import load_model
+from edgecompress.runtimes.qnn_htp import qnn_version
+
+needs_qnn = pytest.mark.skipif(qnn_version() is None, reason="onnxruntime-qnn is not installed")
+P, C = 16, 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama").model
+
+
+def _eps_free(model):
+    """The model with every RMSNorm's eps at 0: the static graphs' LpNormalization form is then exact."""
+    import copy
+
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if hasattr(mod, "variance_epsilon"):
+            mod.variance_epsilon = 0.0
+    return m
+
+
+def _float_sessions(model):
+    shapes = {"batch_size": 1, "prefill_len": P, "max_context": C}
+    out = []
+    for mode in ("prefill", "decode"):
+        g, rewrites = prepare_for_npu(static_llm_onnx(model, mode, prefill_len=P, max_context=C), shapes)
+        assert rewrites["mask_sentinels_clamped"], "the float32.min mask constant must be clamped"
+        assert unsupported_nodes(g) == []
+        out.append(ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]))
+    return out
+
+
+def test_float_static_graphs_equal_the_torch_model(tiny):
+    """Prefill of a right-padded prompt (garbage in the padding), then decode steps over the fixed cache, give
+    the torch model's logits at every position."""
+    pre, dec = _float_sessions(tiny)
+    ref_model = _eps_free(tiny)
+    rng = np.random.default_rng(0)
+    vocab, layers = tiny.config.vocab_size, tiny.config.num_hidden_layers
+    ids = rng.integers(0, vocab, 24)
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.from_numpy(ids)[None]).logits[0].numpy()
+    n = 10
+    feeds = {"input_ids": np.concatenate([ids[:n], rng.integers(0, vocab, P - n)])[None],
+             "position_ids": np.arange(P)[None], "attention_mask": (np.arange(P) < n).astype(np.int64)[None]}
+    out = pre.run(None, feeds)
+    np.testing.assert_allclose(out[0][0, :n], ref[:n], atol=2e-5, rtol=0)
+    kv_heads, head_dim = out[1].shape[1], out[1].shape[3]
+    cache = np.zeros((layers, 2, kv_heads, C, head_dim), np.float32)
+    for j, x in enumerate(out[1:]):
+        cache[j // 2, j % 2, :, :P] = x[0]  # the padding rows too: the decode mask must hide them
+    for pos in range(n, len(ids)):
+        f = {"input_ids": ids[pos:pos + 1][None], "position_ids": np.array([[pos]]),
+             "attention_mask": (np.arange(C) < pos).astype(np.int64)[None]}
+        for i in range(layers):
+            f[f"past_key.{i}"], f[f"past_value.{i}"] = cache[i, 0][None], cache[i, 1][None]
+        o = dec.run(None, f)
+        for j, x in enumerate(o[1:]):
+            cache[j // 2, j % 2, :, pos] = x[0, :, 0]
+        np.testing.assert_allclose(o[0][0, 0], ref[pos], atol=2e-5, rtol=0, err_msg=f"decode position {pos}")
+
+
+def test_decode_mask_hides_the_padding(tiny):
+    """Must-fail counterpart: attending to the padded prefill rows (mask all ones) changes the logits."""
+    pre, dec = _float_sessions(tiny)
+    rng = np.random.default_rng(1)
+    n, layers = 6, tiny.config.num_hidden_layers
+    ids = rng.integers(0, tiny.config.vocab_size, P)
+    out = pre.run(None, {"input_ids": ids[None], "position_ids": np.arange(P)[None],
+                         "attention_mask": (np.arange(P) < n).astype(np.int64)[None]})
+    f = {"input_ids": ids[n:n + 1][None], "position_ids": np.array([[n]])}
+    for i in range(layers):
+        for kind, x in (("key", out[1 + 2 * i]), ("value", out[2 + 2 * i])):
+            f[f"past_{kind}.{i}"] = np.pad(x, ((0, 0), (0, 0), (0, C - P), (0, 0)))
+    good = dec.run(None, {**f, "attention_mask": (np.arange(C) < n).astype(np.int64)[None]})[0]
+    bad = dec.run(None, {**f, "attention_mask": (np.arange(C) < P).astype(np.int64)[None]})[0]
+    assert np.abs(good - bad).max() > 1e-3
+
+
+def test_missing_static_dims_are_named():
+    with pytest.raises(NpuExportError, match="max_context"):
+        llm_static_dims({"batch_size": 1, "prefill_len": 16})
+    with pytest.raises(NpuExportError, match="prefill_len, max_context"):
+        llm_static_dims({"batch_size": 1, "sequence_length": 64})
+    with pytest.raises(NpuExportError, match="prefill_len <= max_context"):
+        llm_static_dims({"prefill_len": 64, "max_context": 32})
+
+
+def test_recipe_names_the_missing_llm_dimension(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodel: {source: tiny-llama}\ncalibration: {data: pydoc:calib, samples: 2, seq_len: 16}\n"
+                      "export:\n  - {format: onnx, target: npu-qnn, static_shapes: {batch_size: 1, prefill_len: 16}}\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 2
+    assert "missing dimension(s): max_context" in capsys.readouterr().err
+
+
+def test_encoder_shapes_on_a_causal_lm_name_the_llm_dims(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nmodel: {source: tiny-llama}\ncalibration: {data: pydoc:calib, samples: 2, seq_len: 16}\n"
+                      "export:\n  - {format: onnx, target: npu-qnn, static_shapes: {batch_size: 1, sequence_length: 16}}\n")
+    assert main(["run", str(recipe), "-o", str(tmp_path / "out")]) == 2
+    assert "prefill_len, max_context has no value" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the QDQ artifact on the HTP
+
+@pytest.fixture(scope="module")
+def npu_artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("npu_llm")
+    recipe = d / "r.yaml"
+    recipe.write_text(f"name: tiny-npu\nmodel: {{source: tiny-llama}}\n"
+                      f"calibration: {{data: pydoc:calib, samples: 4, seq_len: {C}}}\n"
+                      f"export:\n  - {{format: onnx, name: npu, target: npu-qnn, "
+                      f"static_shapes: {{batch_size: 1, prefill_len: {P}, max_context: {C}}}}}\n")
+    assert main(["run", str(recipe), "-o", str(d / "out")]) == 0
+    return d / "out" / "tiny-npu" / "npu"
+
+
+@needs_qnn
+def test_qdq_artifact_runs_fully_on_the_htp(npu_artifact, tiny):
+    from edgecompress.artifact import Artifact
+    from edgecompress.runtimes import open_runtime
+
+    art = Artifact.load(npu_artifact)
+    npu = art.manifest["npu"]
+    for mode in ("prefill", "decode"):
+        assert npu["graphs"][mode]["placement"] == {"QNNExecutionProvider": 1}, mode  # 0 CPU nodes
+        ops = npu["graphs"][mode]["op_counts"]
+        assert not [o for o in ops if "::" in o], ops  # no contrib ops
+        assert ops["QuantizeLinear"] > 0
+    htp = open_runtime("qnn-htp", art)
+    assert htp.compiled_from == {"prefill.onnx": "context", "decode.onnx": "context"}
+    cpu = open_runtime("ort-cpu", art)
+
+    from edgecompress.data import load_text, token_windows
+
+    ids = token_windows(art.tokenizer(), load_text("pydoc:eval"), P + 4, 1, seed=0)[0].numpy()  # 4 via decode
+    with torch.no_grad():
+        ref = tiny(input_ids=torch.from_numpy(ids)[None]).logits[0].numpy()
+    got = htp.logits(ids)
+
+    def rel_rms(a, b):
+        return float(np.sqrt(((a - b) ** 2).mean()) / b.std())
+
+    assert rel_rms(got, ref) < 0.05  # measured ~0.02 (W8A16)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    assert rel_rms(cpu.logits(ids), got) < 0.03  # same artifact on the CPU EP; measured ~0.01
+
+    prompt = [int(t) for t in ids[:8]]
+    forced = cpu.forced_decode(prompt, [int(t) for t in ids[8:12]])  # the decode graph, teacher-forced
+    assert forced.shape == (5, ref.shape[1]) and rel_rms(forced, ref[7:12]) < 0.05
+    gen = htp.generate(prompt, 6)
+    with torch.no_grad():
+        want = tiny.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, 8:].tolist()
+    assert gen.tokens == want
+    assert cpu.generate(prompt, 6).tokens == gen.tokens
+
+
+@needs_qnn
+def test_static_runtime_refuses_what_does_not_fit(npu_artifact):
+    from edgecompress.artifact import Artifact
+    from edgecompress.runtimes import open_runtime
+
+    rt = open_runtime("ort-cpu", Artifact.load(npu_artifact))
+    with pytest.raises(EdgeCompressError, match="max_context"):
+        rt.generate(list(range(20)), C)
+    with pytest.raises(EdgeCompressError, match="does not run causal-lm/static"):
+        open_runtime("torch", Artifact.load(npu_artifact))
+
+
+@needs_qnn
+def test_bench_reports_htp_placement(npu_artifact, capsys):
+    assert main(["bench", str(npu_artifact), "--runtime", "qnn-htp", "--prompt-tokens", "8", "--new-tokens", "4",
+                 "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["placement"] == {"prefill": {"QNNExecutionProvider": 1}, "decode": {"QNNExecutionProvider": 1}}
+    assert out["decode_tok_s"] > 0
