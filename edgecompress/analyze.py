@@ -156,6 +156,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_activations(result: dict[str, Any], path: Path) -> None:
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
@@ -181,9 +187,7 @@ def plot_activations(result: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel("decoder block")
     axes[0][0].legend(loc="upper left", fontsize=8)
     fig.suptitle("Activation magnitudes at the thresholded inputs (TEAL threshold for sparsity s = the s quantile)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_influence(result: dict[str, Any], path: Path) -> None:
@@ -204,9 +208,7 @@ def plot_influence(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("block influence 1 - cos(h_in, h_out)")
     ax.set_title("Block influence (low = removable by block influence alone)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_sensitivity(result: dict[str, Any], path: Path) -> None:
@@ -222,9 +224,7 @@ def plot_sensitivity(result: dict[str, Any], path: Path) -> None:
     ax.set_xticklabels([u["unit"].replace("model.layers.", "") for u in units], rotation=90, fontsize=6)
     ax.set_ylabel("KL to the float model")
     ax.set_title(f"Sensitivity: only this kernel quantized ({sens['format']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_report(result: dict[str, Any], dest: Path) -> list[str]:

@@ -109,6 +109,16 @@ def _ort_logits(proto, ids: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], feeds)[0][0]
 
 
+def _assert_ort_equals_torch_and_differs_from_dense(proto, model, dense_model) -> None:
+    ids = torch.randint(0, 260, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits[0].numpy()
+        dense = dense_model(ids).logits[0].numpy()
+    got = _ort_logits(proto, ids.numpy())
+    np.testing.assert_allclose(got, ref, atol=2e-4)
+    assert np.abs(got - dense).max() > 100 * 2e-4  # the thresholds act in the graph
+
+
 @pytest.mark.parametrize("method,int4,fuse", [("teal", False, True), ("wina", True, True), ("teal", True, False)])
 def test_onnx_export_runs_in_ort_like_torch(tiny_llama, method, int4, fuse):
     model = copy.deepcopy(tiny_llama)
@@ -122,13 +132,7 @@ def test_onnx_export_runs_in_ort_like_torch(tiny_llama, method, int4, fuse):
     inner = "MatMulNBits" if int4 else "MatMul"
     proj = [f for f in formats if f.module.startswith("model.layers.")]
     assert all(f.onnx_op == f"edgecompress::ActSparse+{inner}" for f in proj)
-    ids = torch.randint(0, 260, (1, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(ids).logits[0].numpy()
-        dense = tiny_llama(ids).logits[0].numpy()
-    got = _ort_logits(proto, ids.numpy())
-    np.testing.assert_allclose(got, ref, atol=2e-4)
-    assert np.abs(got - dense).max() > 100 * 2e-4  # the thresholds act in the graph
+    _assert_ort_equals_torch_and_differs_from_dense(proto, model, tiny_llama)
 
 
 def test_torch_runtime_reapplies_the_stored_thresholds(tmp_path):
@@ -269,13 +273,7 @@ def test_cats_onnx_export_runs_in_ort_like_torch(tiny_llama, int4):
     down = [f for f in formats if f.module.endswith("down_proj")]
     assert all(f.format.endswith("+cats") and f.initializers["cats_threshold"].endswith(".mlp.cats_threshold")
                for f in down)
-    ids = torch.randint(0, 260, (1, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(ids).logits[0].numpy()
-        dense = tiny_llama(ids).logits[0].numpy()
-    got = _ort_logits(proto, ids.numpy())
-    np.testing.assert_allclose(got, ref, atol=2e-4)
-    assert np.abs(got - dense).max() > 100 * 2e-4  # the thresholds act in the graph
+    _assert_ort_equals_torch_and_differs_from_dense(proto, model, tiny_llama)
 
 
 def test_cats_recipe_end_to_end_torch_runtime_agrees(tmp_path):
