@@ -102,7 +102,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    W0_orig = W.clone() if keep is None else W * keep.to(torch.float32)
+    # the weight the refit fits the rounded codes to (pruned weights are exactly 0 there)
+    W_target = (W.clone() if keep is None else W * keep.to(torch.float32)) if cfg.refit_scales else None
     if isinstance(clip, torch.Tensor) and clip.dim() > 0:
         clip = torch.broadcast_to(clip.to(torch.float32), (N, n_groups))
     if keep is not None and keep.shape != (N, K):
@@ -161,10 +162,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GP
     out.view(N, -1)[:, perm] = codes
     diag = {"damp_used": damp, "loss": float(loss), "dead_columns": int(dead.sum())}
     if cfg.refit_scales:
-        H0 = H[perm.argsort()][:, perm.argsort()]  # back to the original column order
-        W0 = W0_orig
+        inv = perm.argsort()
         unit = decode(out, torch.ones_like(scales), zp, scheme.bits).view(N, -1)[:, :K]
-        scales, before, after = refit_scales(W0, H0, unit, scales, G, scheme.scale_dtype)
+        scales, before, after = refit_scales(W_target, H[inv][:, inv], unit, scales, G, scheme.scale_dtype)
         diag.update(refit_error_before=before, refit_error_after=after)
     log.debug("GPTQ %s: %s", where, diag)
     return pack(out, scales, zp, scheme, (N, K)), diag
