@@ -63,6 +63,17 @@ def _shape(expr) -> list:
     return list(expr.ty.shape.values)
 
 
+def _as_rows(bb, x, k: int):
+    """``x [..., k]`` reshaped to ``[rows, k]``: (the 2-D tensor, rows, the original shape)."""
+    from tvm import relax
+
+    shape = _shape(x)
+    rows = 1
+    for d in shape[:-1]:
+        rows = rows * d
+    return bb.emit(relax.op.reshape(x, [rows, k])), rows, shape
+
+
 class _Converters:
     """Converters for ONNX Runtime contrib ops, in the Relax importer's converter protocol."""
 
@@ -77,11 +88,7 @@ class _Converters:
         if len(inputs) > 4 and any(x is not None for x in inputs[4:]):
             raise NotImplementedError("MatMulNBits with g_idx or bias inputs")
         k, n, bits, block = (int(attr[x]) for x in ("K", "N", "bits", "block_size"))
-        shape = _shape(a)
-        rows = 1
-        for d in shape[:-1]:
-            rows = rows * d
-        a2 = bb.emit(relax.op.reshape(a, [rows, k]))
+        a2, rows, shape = _as_rows(bb, a, k)
         func = kern.matmul_nbits(k, n, bits, block, zero_points=zp is not None)
         gv = bb.add_func(func, f"matmul_nbits_k{k}_n{n}_b{bits}_g{block}{'_zp' if zp is not None else ''}")
         args = [a2, b, relax.op.reshape(scales, [-1])] + ([zp] if zp is not None else [])
@@ -99,11 +106,7 @@ class _Converters:
         x, thr, w, scales = inputs[:4]
         zeros = inputs[4] if len(inputs) > 4 and inputs[4] is not None else None
         k, n, block, parts = (int(attr[a]) for a in ("K", "N", "block_size", "parts"))
-        shape = _shape(x)
-        rows = 1
-        for d in shape[:-1]:
-            rows = rows * d
-        x2 = bb.emit(relax.op.reshape(x, [rows, k]))
+        x2, rows, shape = _as_rows(bb, x, k)
         func = kern.act_sparse_matmul_nbits(k, n, block, zero_points=zeros is not None, parts=parts)
         gv = bb.add_func(func, f"act_sparse_matmul_nbits_k{k}_n{n}_g{block}{'_zp' if zeros is not None else ''}")
         args = [x2, thr, w, scales] + ([zeros] if zeros is not None else [])
