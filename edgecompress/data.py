@@ -21,11 +21,14 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 
 from edgecompress.errors import DataError
+
+#: a steering prompt: its text, or (prompt, answer) for a contrast between answers to the prompt
+Prompt = Union[str, tuple[str, str]]
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +274,7 @@ def sentence_batches(tokenizer: Any, source: str, n: int, *, max_len: int = 128,
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 _PROMPTS_HINT = ("use a .txt file (one prompt per line), a .jsonl file ({\"text\": ...} per line; pairs: "
-                 "{\"positive\": ..., \"negative\": ...}) or builtin:NAME")
+                 "{\"positive\": ..., \"negative\": ...}, optionally with a \"prompt\" they answer) or builtin:NAME")
 
 
 def builtin_prompt_sets() -> list[str]:
@@ -326,8 +329,12 @@ def load_prompts(source: str) -> list[str]:
     return prompts
 
 
-def load_prompt_pairs(source: str) -> tuple[list[str], list[str]]:
-    """(positive, negative) prompts from a .jsonl of ``{"positive": ..., "negative": ...}`` lines."""
+def load_prompt_pairs(source: str) -> tuple[list[Prompt], list[Prompt]]:
+    """(positive, negative) prompts from a .jsonl of ``{"positive": ..., "negative": ...}`` lines.
+
+    A line may also carry ``"prompt"``: then ``positive`` and ``negative`` are two answers to it (the
+    assistant's turn after the prompt), and each is read where that answer stops: a contrast between
+    completions rather than between instructions. Such items come back as ``(prompt, answer)`` tuples."""
     path = _prompt_file(source)
     if path.suffix.lower() != ".jsonl":
         raise DataError(f"paired prompts must be a .jsonl file, got {path.name}",
@@ -335,19 +342,32 @@ def load_prompt_pairs(source: str) -> tuple[list[str], list[str]]:
     items = _jsonl_items(path, ("positive", "negative"))
     if not items:
         raise DataError(f"prompt set {source!r} is empty", hint="give at least one pair (a few dozen steer well)")
+    for lineno, it in enumerate(items, start=1):
+        if "prompt" in it and not isinstance(it["prompt"], str):
+            raise DataError(f"{path}: pair {lineno}: \"prompt\" must be a string", hint=_PROMPTS_HINT)
+    if "prompt" in items[0] and not all("prompt" in it for it in items):
+        raise DataError(f"{path}: some pairs have a \"prompt\" and some do not",
+                        hint="give every pair a prompt (answers contrasted) or none (prompts contrasted)")
+    if "prompt" in items[0]:
+        return [(it["prompt"], it["positive"]) for it in items], [(it["prompt"], it["negative"]) for it in items]
     return [it["positive"] for it in items], [it["negative"] for it in items]
 
 
-def encode_prompts(tokenizer: Any, prompts: list[str], *, chat: bool) -> list[torch.Tensor]:
+def encode_prompts(tokenizer: Any, prompts: list[Prompt], *, chat: bool) -> list[torch.Tensor]:
     """Token ids of each prompt; with ``chat`` as a user message in the chat template, the
-    assistant's turn opened after it (so the last token is where the answer starts)."""
+    assistant's turn opened after it (so the last token is where the answer starts). A ``(prompt,
+    answer)`` item is the prompt so encoded followed by the answer's tokens (its last token is where
+    the answer stops)."""
     if chat and not getattr(tokenizer, "chat_template", None):
         raise DataError("this tokenizer has no chat template", hint="set chat: false in the steer step")
     out = []
     for p in prompts:
+        text, answer = (p, None) if isinstance(p, str) else p
         if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            ids = list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
         else:
-            ids = tokenizer(p)["input_ids"]
-        out.append(torch.tensor(list(ids), dtype=torch.long))
+            ids = list(tokenizer(text)["input_ids"])
+        if answer is not None:
+            ids += list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        out.append(torch.tensor(ids, dtype=torch.long))
     return out

@@ -269,7 +269,7 @@ def export_npu_causal_lm(model: nn.Module, dest, windows: np.ndarray, *, static_
         proto = static_llm_onnx(model, mode, prefill_len=p, max_context=c)
         bodies[mode] = write_npu_artifact(proto, dest, feeds[mode], static_shapes=shapes, activations=activations,
                                           model_file=f"{mode}.onnx", context_file=f"{mode}_ctx.onnx",
-                                          table_type="uint16")
+                                          table_type="uint16", fp16_matmuls=True)
         if progress is not None:
             progress()
     pre, dec = bodies[PREFILL], bodies[DECODE]

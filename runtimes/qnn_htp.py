@@ -120,7 +120,9 @@ def context_or_qdq(model: Path, ctx: Path | None, built_with: str | None, thread
     here = qnn_version()
     if ctx is not None and ctx.exists() and built_with == here:
         return htp_session(ctx, threads=threads), "context"
-    if ctx is not None:
+    if ctx is not None and not ctx.exists():
+        log.warning("the QNN context %s is missing: compiling the QDQ model instead", ctx)
+    elif ctx is not None:
         log.warning("the QNN context %s was built by onnxruntime-qnn %s, this is %s: compiling the QDQ "
                     "model instead", ctx, built_with, here)
     return htp_session(model, threads=threads), "qdq"

@@ -145,6 +145,15 @@ def test_qdq_artifact_runs_fully_on_the_htp(npu_artifact, tiny):
         ops = npu["graphs"][mode]["op_counts"]
         assert not [o for o in ops if "::" in o], ops  # no contrib ops
         assert ops["QuantizeLinear"] > 0
+    # attention's Q.K^T and P.V in float16 (2 per layer), the projections quantized
+    assert len(npu["rewrites"]["fp16_matmuls"]) == 2 * tiny.config.num_hidden_layers
+    for body in (art.path / "prefill.onnx", art.path / "decode.onnx"):
+        import onnx
+
+        g = onnx.load(str(body))
+        half = [n.name for n in g.graph.node if n.op_type == "MatMul"
+                and all(i.endswith(tuple(f"_fp16_in{j}" for j in (0, 1))) for i in n.input)]
+        assert len(half) == 2 * tiny.config.num_hidden_layers, half
     htp = open_runtime("qnn-htp", art)
     assert htp.compiled_from == {"prefill.onnx": "context", "decode.onnx": "context"}
     cpu = open_runtime("ort-cpu", art)
@@ -192,3 +201,41 @@ def test_bench_reports_htp_placement(npu_artifact, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["placement"] == {"prefill": {"QNNExecutionProvider": 1}, "decode": {"QNNExecutionProvider": 1}}
     assert out["decode_tok_s"] > 0
+
+
+def test_fp16_rewrite_takes_activation_matmuls_only():
+    """fp16_activation_matmuls: a MatMul of two dequantized activations is cast to float16 (must match); a
+    MatMul with a constant weight, raw or dequantized, stays as it is (must not match); ORT agrees before
+    and after within float16 rounding."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecompress.export.npu import fp16_activation_matmuls
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.float32(0.01), "s"), numpy_helper.from_array(np.uint16(32768), "z"),
+             numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.round(w * 20).astype(np.int8), "Wq"),
+             numpy_helper.from_array(np.float32(0.05), "ws"), numpy_helper.from_array(np.int8(0), "wz")]
+    nodes = [helper.make_node("QuantizeLinear", ["a", "s", "z"], ["aq"]),
+             helper.make_node("DequantizeLinear", ["aq", "s", "z"], ["ad"]),
+             helper.make_node("QuantizeLinear", ["b", "s", "z"], ["bq"]),
+             helper.make_node("DequantizeLinear", ["bq", "s", "z"], ["bd"]),
+             helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["Wd"]),
+             helper.make_node("MatMul", ["ad", "bd"], ["act"], name="act_x_act"),
+             helper.make_node("MatMul", ["ad", "W"], ["raw"], name="raw_weight"),
+             helper.make_node("MatMul", ["ad", "Wd"], ["qw"], name="dq_weight")]
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [8, 8])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [vi("a"), vi("b")], [vi("act"), vi("raw"), vi("qw")],
+                                                inits), opset_imports=[helper.make_opsetid("", 21)])
+    feeds = {"a": rng.standard_normal((8, 8)).astype(np.float32), "b": rng.standard_normal((8, 8)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    done = fp16_activation_matmuls(model)
+    assert done == ["act_x_act"]
+    onnx.checker.check_model(model)
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert [c.attribute[0].i for c in casts] == [TensorProto.FLOAT16] * 2 + [TensorProto.FLOAT]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(after[0], before[0], rtol=2e-3, atol=2e-3)  # the CPU EP computes it in float32
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[2], before[2])

@@ -356,6 +356,31 @@ def test_prompt_files_errors(tmp_path):
         load_prompts("builtin:nope")
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
     assert load_prompts(str(tmp_path / "p.txt")) == ["one", "two"]
+    (tmp_path / "mixed.jsonl").write_text('{"prompt": "q", "positive": "a", "negative": "b"}\n'
+                                          '{"positive": "a", "negative": "b"}\n')
+    with pytest.raises(DataError, match="some pairs have a \"prompt\" and some do not"):
+        load_prompt_pairs(str(tmp_path / "mixed.jsonl"))
+
+
+def test_answer_pairs_are_the_chat_prompt_followed_by_the_answer(tmp_path):
+    """A pair with a "prompt" contrasts two answers to it: each item encodes as the chat-templated prompt
+    (assistant turn open) followed by the answer's tokens, so position: last reads where the answer stops."""
+    from edgecompress.data import encode_prompts, load_prompt_pairs
+    from edgecompress.models import load_model
+
+    tok = load_model("tiny-llama").tokenizer
+    (tmp_path / "answers.jsonl").write_text('{"prompt": "Why is the sky blue?", "positive": "Rayleigh scattering.", '
+                                            '"negative": "Sunlight is made of"}\n')
+    pos, neg = load_prompt_pairs(str(tmp_path / "answers.jsonl"))
+    assert pos == [("Why is the sky blue?", "Rayleigh scattering.")]
+    assert neg == [("Why is the sky blue?", "Sunlight is made of")]
+    for chat in (True, False) if getattr(tok, "chat_template", None) else (False,):
+        head = (tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}],
+                                        add_generation_prompt=True) if chat else tok("Why is the sky blue?")["input_ids"])
+        (ids,) = encode_prompts(tok, pos, chat=chat)
+        tail = tok("Rayleigh scattering.", add_special_tokens=False)["input_ids"]
+        assert ids.tolist() == list(head) + list(tail)
+        assert len(tail) > 0 and ids.tolist()[-len(tail):] != encode_prompts(tok, neg, chat=chat)[0].tolist()[-len(tail):]
 
 
 def test_recipe_run_records_the_direction_and_steer_eval_reports(tmp_path, capsys):
