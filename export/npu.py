@@ -308,29 +308,63 @@ def require_supported(model: onnx.ModelProto) -> None:
                              "emits these ops (int4/sparse/custom ops are CPU formats)")
 
 
-def fp16_activation_matmuls(qdq: onnx.ModelProto) -> list[str]:
-    """Run every MatMul of two activations (attention's ``Q·Kᵀ`` and ``P·V``) in float16, in place; returns
-    the MatMuls rewritten.
+def fp16_matmuls(qdq: onnx.ModelProto, *, wide_range: float | None = None) -> list[str]:
+    """Run some MatMuls of a QDQ graph in float16, in place; returns the MatMuls rewritten:
 
-    QNN HTP multiplies two 16-bit activations at about 8-bit precision (measured on the simulator: relative
-    RMS error 0.009 where the CPU EP's QDQ emulation has 7e-5), and in a causal LM's attention that error
-    grows through the softmax in every layer. Here each such MatMul reads its dequantized inputs through a
-    ``Cast`` to float16 and its output is cast back to float before the ``QuantizeLinear`` that follows, so
-    the HTP runs it in its float path (float16 math on a device; the x86 simulator computed it exactly), and
-    the CPU EP, which has no float16 MatMul, in float32. A MatMul with a constant input (a weight) stays
-    quantized."""
-    inits = {i.name for i in qdq.graph.initializer}
+    * every MatMul of two activations (attention's ``Q·Kᵀ`` and ``P·V``). QNN HTP multiplies two 16-bit
+      activations at about 8-bit precision (measured on the simulator: relative RMS error 0.009 where the
+      CPU EP's QDQ emulation has 7e-5), and in a causal LM's attention that error grows through the softmax
+      in every layer;
+    * with ``wide_range``, every weight MatMul whose activation input was calibrated to a range (max - min)
+      wider than that: a few of SmolLM2's ``down_proj`` inputs span thousands (the massive activations of
+      the first token), and on them the HTP's integer MatMul lost three times the CPU EP's accuracy.
+      Their weights become float16 constants holding the int8 grid's values (the HTP does not take a
+      per-channel ``DequantizeLinear`` feeding a float op).
+
+    Each such MatMul reads its dequantized inputs through a ``Cast`` to float16 and its output is cast back
+    to float before the ``QuantizeLinear`` that follows, so the HTP runs it in its float path (float16 math
+    on a device; the x86 simulator computed it exactly), and the CPU EP, which has no float16 MatMul, in
+    float32."""
+    inits = {i.name: i for i in qdq.graph.initializer}
     prod = {o: n for n in qdq.graph.node for o in n.output}
-    out, done = [], []
+
+    def dq_of(name: str) -> onnx.NodeProto | None:
+        src = prod.get(name)
+        return src if src is not None and src.op_type == "DequantizeLinear" else None
+
+    def rewrite(n: onnx.NodeProto) -> bool:
+        if n.op_type != "MatMul" or any(i in inits for i in n.input):
+            return False
+        srcs = [dq_of(i) for i in n.input]
+        if any(s is None for s in srcs):
+            return False
+        consts = [s.input[0] in inits for s in srcs]
+        if not any(consts):
+            return True  # activation x activation
+        if wide_range is None or consts != [False, True]:
+            return False
+        a = srcs[0]
+        if a.input[1] not in inits or len(a.input) < 3 or a.input[2] not in inits:
+            return False
+        scale = float(numpy_helper.to_array(inits[a.input[1]]).reshape(-1)[0])
+        bits = {onnx.TensorProto.UINT16: 16, onnx.TensorProto.INT16: 16}.get(inits[a.input[2]].data_type, 8)
+        return scale * (2 ** bits - 1) > wide_range
+
+    out, done, dropped = [], [], set()
     for n in qdq.graph.node:
-        srcs = [prod.get(i) for i in n.input]
-        if (n.op_type != "MatMul" or any(i in inits for i in n.input)
-                or not all(s is not None and s.op_type == "DequantizeLinear" and s.input[0] not in inits
-                           for s in srcs)):
+        if not rewrite(n):
             out.append(n)
             continue
         halves = []
         for j, i in enumerate(n.input):
+            w = dq_of(i)
+            if w.input[0] in inits:  # a weight: its dequantized values as a float16 constant
+                deq = _dequantize(*(numpy_helper.to_array(inits[t]) if t in inits else None for t in w.input),
+                                  axis=next((a.i for a in w.attribute if a.name == "axis"), 1))
+                halves.append(f"{n.name}_weight_fp16")
+                qdq.graph.initializer.append(numpy_helper.from_array(deq.astype(np.float16), halves[-1]))
+                dropped.add(w.name)
+                continue
             halves.append(f"{n.name}_fp16_in{j}")
             out.append(helper.make_node("Cast", [i], [halves[-1]], to=onnx.TensorProto.FLOAT16,
                                         name=f"{n.name}_to_fp16_{j}"))
@@ -338,9 +372,26 @@ def fp16_activation_matmuls(qdq: onnx.ModelProto) -> list[str]:
         out.append(helper.make_node("Cast", [f"{n.output[0]}_fp16"], [n.output[0]], to=onnx.TensorProto.FLOAT,
                                     name=f"{n.name}_to_fp32"))
         done.append(n.name)
+    used = {i for n in out for i in n.input}
+    out = [n for n in out if n.name not in dropped or any(o in used for o in n.output)]
+    used = {i for n in out for i in n.input} | {o.name for o in qdq.graph.output}
     del qdq.graph.node[:]
     qdq.graph.node.extend(out)
+    keep = [t for t in qdq.graph.initializer if t.name in used]
+    del qdq.graph.initializer[:]
+    qdq.graph.initializer.extend(keep)
     return done
+
+
+def _dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, *, axis: int) -> np.ndarray:
+    """``DequantizeLinear`` of a constant: per tensor, or per channel along ``axis``."""
+    codes = codes.astype(np.float32)
+    zero = np.zeros_like(scale) if zero is None else zero.astype(np.float32)
+    if scale.size > 1:
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (codes - zero) * scale
 
 
 def prepare_for_npu(model: onnx.ModelProto, dims: Mapping[str, int]) -> tuple[onnx.ModelProto, dict]:
@@ -564,15 +615,16 @@ def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str,
                        weight_scales: Mapping[str, np.ndarray] | None = None,
                        rounded_weights: Mapping[str, np.ndarray] | None = None,
                        model_file: str | None = None, context_file: str | None = None,
-                       table_type: str = "uint8", fp16_matmuls: bool = False) -> dict:
+                       table_type: str = "uint8", fp16: bool = False,
+                       fp16_wide_range: float | None = None) -> dict:
     """Prepare (static shapes, rewrites, op check), QDQ-quantize on ``feeds`` and write ``dest/model.onnx``
     (+ the compiled HTP context when onnxruntime-qnn is installed). Returns manifest fields.
 
     ``weight_scales`` / ``rounded_weights``: weights already on their int8 grid and its scales; the QDQ
     model must reproduce them exactly (checked: an :class:`NpuExportError` names any that moved).
     ``model_file`` / ``context_file``: file names in ``dest`` (default ``model.onnx`` / ``model_ctx.onnx``);
-    ``table_type``: see :func:`quantize_for_qnn`; ``fp16_matmuls``: run activation x activation MatMuls in
-    float16 (:func:`fp16_activation_matmuls`)."""
+    ``table_type``: see :func:`quantize_for_qnn`; ``fp16``: run activation x activation MatMuls (and, with
+    ``fp16_wide_range``, weight MatMuls over wider inputs) in float16 (:func:`fp16_matmuls`)."""
     from edgecompress.runtimes.qnn_htp import (
         CONTEXT_FILE,
         htp_session,
@@ -585,8 +637,8 @@ def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str,
     model_file, context_file = model_file or MODEL_FILE, context_file or CONTEXT_FILE
     proto, rewrites = prepare_for_npu(proto, static_shapes)
     qdq = quantize_for_qnn(proto, feeds, activations=activations, weight_scales=weight_scales, table_type=table_type)
-    if fp16_matmuls:
-        rewrites["fp16_matmuls"] = fp16_activation_matmuls(qdq)
+    if fp16:
+        rewrites["fp16_matmuls"] = fp16_matmuls(qdq, wide_range=fp16_wide_range)
     off: dict[str, dict] = {}
     if rounded_weights:
         # ONNX Runtime widens a channel's weight scale when its bias would overflow int32 at input scale x

@@ -203,14 +203,16 @@ def test_bench_reports_htp_placement(npu_artifact, capsys):
     assert out["decode_tok_s"] > 0
 
 
-def test_fp16_rewrite_takes_activation_matmuls_only():
-    """fp16_activation_matmuls: a MatMul of two dequantized activations is cast to float16 (must match); a
-    MatMul with a constant weight, raw or dequantized, stays as it is (must not match); ORT agrees before
-    and after within float16 rounding."""
+@pytest.mark.parametrize("wide_range", [None, 1000.0, 500.0])
+def test_fp16_rewrite_takes_activation_matmuls_and_wide_inputs(wide_range):
+    """fp16_matmuls: a MatMul of two dequantized activations is cast to float16 (must match); a MatMul
+    with a dequantized weight is too when its activation's calibrated range (here 0.01 x 65535 = 655) is
+    wider than ``wide_range``, and not otherwise; a raw float weight never (must not match); ORT agrees
+    before and after within float16 rounding."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgecompress.export.npu import fp16_activation_matmuls
+    from edgecompress.export.npu import fp16_matmuls
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8)).astype(np.float32)
@@ -230,12 +232,21 @@ def test_fp16_rewrite_takes_activation_matmuls_only():
                                                 inits), opset_imports=[helper.make_opsetid("", 21)])
     feeds = {"a": rng.standard_normal((8, 8)).astype(np.float32), "b": rng.standard_normal((8, 8)).astype(np.float32)}
     before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    done = fp16_activation_matmuls(model)
-    assert done == ["act_x_act"]
+    done = fp16_matmuls(model, wide_range=wide_range)
+    wide = wide_range is not None and wide_range < 655
+    assert done == ["act_x_act"] + (["dq_weight"] if wide else [])
     onnx.checker.check_model(model)
     casts = [n for n in model.graph.node if n.op_type == "Cast"]
-    assert [c.attribute[0].i for c in casts] == [TensorProto.FLOAT16] * 2 + [TensorProto.FLOAT]
+    h, f = TensorProto.FLOAT16, TensorProto.FLOAT
+    assert [c.attribute[0].i for c in casts] == [h, h, f] + ([h, f] if wide else [])
+    # a wide weight MatMul reads its int8 grid's values as a float16 constant; its DequantizeLinear is gone
+    assert ("Wq" in {i.name for i in model.graph.initializer}) is not wide
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    np.testing.assert_allclose(after[0], before[0], rtol=2e-3, atol=2e-3)  # the CPU EP computes it in float32
+    np.testing.assert_allclose(after[0], before[0], rtol=0, atol=2e-3 * np.abs(before[0]).max())  # fp16 inputs
     np.testing.assert_array_equal(after[1], before[1])
-    np.testing.assert_array_equal(after[2], before[2])
+    if wide:  # against the exact product of the dequantized inputs (the CPU EP's fused int path is not exact)
+        deq = (np.clip(np.round(feeds["a"] / 0.01) + 32768, 0, 65535) - 32768) * 0.01
+        exact = deq @ (np.round(w * 20).astype(np.int8).astype(np.float32) * 0.05)
+        np.testing.assert_allclose(after[2], exact, rtol=0, atol=2e-3 * np.abs(exact).max())  # fp16 inputs
+    else:
+        np.testing.assert_array_equal(after[2], before[2])
