@@ -340,6 +340,11 @@ def test_bundled_eval_prompts_are_disjoint_from_the_direction_prompts():
         assert len(pos) == len(neg) >= 16 and len(held_out) >= 16
         for q in held_out:
             assert not any(q.rstrip("?.") in p for p in pos + neg), q
+    answers_pos, answers_neg = load_prompt_pairs("builtin:concise-answers")  # (question, answer) pairs
+    assert len(answers_pos) >= 16 and all(isinstance(p, tuple) for p in answers_pos + answers_neg)
+    for (q, whole), (q2, cut) in zip(answers_pos, answers_neg):
+        assert q == q2 and whole.startswith(cut) and len(cut) < len(whole)  # a cut of the same answer
+        assert not any(e.rstrip("?.") in q for e in load_prompts("builtin:concise-eval")), q
 
 
 def test_prompt_files_errors(tmp_path):
