@@ -477,7 +477,8 @@ _BITS = {onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.I
 
 def qdq_weight_summary(model: onnx.ModelProto) -> dict:
     """Parameters and stored bytes of the integer constants behind ``DequantizeLinear`` nodes (weights,
-    biases, tables), scales and zero points included."""
+    biases, tables), scales and zero points included, and of the float16 weights of
+    :func:`fp16_matmuls`."""
     inits = {i.name: i for i in model.graph.initializer}
     params = stored = 0
     by_type: dict[str, int] = {}
@@ -496,6 +497,13 @@ def qdq_weight_summary(model: onnx.ModelProto) -> dict:
             if extra in inits:
                 e = inits[extra]
                 stored += (int(np.prod(e.dims)) if e.dims else 1) * _BITS.get(e.data_type, 32) // 8
+    for n in model.graph.node:
+        for name in n.input if n.op_type == "MatMul" else ():
+            t = inits.get(name)
+            if t is not None and t.data_type == onnx.TensorProto.FLOAT16:
+                size = int(np.prod(t.dims))
+                params, stored = params + size, stored + 2 * size
+                by_type["float16"] = by_type.get("float16", 0) + size
     return {"weight_params": params, "weight_bytes": stored,
             "bits_per_weight": round(8 * stored / params, 4) if params else None, "params_by_format": by_type}
 

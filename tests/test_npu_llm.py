@@ -241,6 +241,9 @@ def test_fp16_rewrite_takes_activation_matmuls_and_wide_inputs(wide_range):
     assert [c.attribute[0].i for c in casts] == [h, h, f] + ([h, f] if wide else [])
     # a wide weight MatMul reads its int8 grid's values as a float16 constant; its DequantizeLinear is gone
     assert ("Wq" in {i.name for i in model.graph.initializer}) is not wide
+    from edgecompress.export.npu import qdq_weight_summary
+
+    assert qdq_weight_summary(model)["params_by_format"] == ({"float16": 64} if wide else {"int8": 64})
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_allclose(after[0], before[0], rtol=0, atol=2e-3 * np.abs(before[0]).max())  # fp16 inputs
     np.testing.assert_array_equal(after[1], before[1])
