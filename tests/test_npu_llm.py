@@ -146,10 +146,10 @@ def test_qdq_artifact_runs_fully_on_the_htp(npu_artifact, tiny):
         assert not [o for o in ops if "::" in o], ops  # no contrib ops
         assert ops["QuantizeLinear"] > 0
     # attention's Q.K^T and P.V in float16 (2 per layer), the projections quantized
+    import onnx
+
     assert len(npu["rewrites"]["fp16_matmuls"]) == 2 * tiny.config.num_hidden_layers
     for body in (art.path / "prefill.onnx", art.path / "decode.onnx"):
-        import onnx
-
         g = onnx.load(str(body))
         half = [n.name for n in g.graph.node if n.op_type == "MatMul"
                 and all(i.endswith(tuple(f"_fp16_in{j}" for j in (0, 1))) for i in n.input)]

@@ -365,6 +365,9 @@ def test_prompt_files_errors(tmp_path):
                                           '{"positive": "a", "negative": "b"}\n')
     with pytest.raises(DataError, match="some pairs have a \"prompt\" and some do not"):
         load_prompt_pairs(str(tmp_path / "mixed.jsonl"))
+    (tmp_path / "num.jsonl").write_text('{"prompt": 3, "positive": "a", "negative": "b"}\n')
+    with pytest.raises(DataError, match="pair 1: \"prompt\" must be a string"):
+        load_prompt_pairs(str(tmp_path / "num.jsonl"))
 
 
 def test_answer_pairs_are_the_chat_prompt_followed_by_the_answer(tmp_path):
