@@ -347,8 +347,7 @@ def fp16_matmuls(qdq: onnx.ModelProto, *, wide_range: float | None = None) -> li
         if a.input[1] not in inits or len(a.input) < 3 or a.input[2] not in inits:
             return False
         scale = float(numpy_helper.to_array(inits[a.input[1]]).reshape(-1)[0])
-        bits = {onnx.TensorProto.UINT16: 16, onnx.TensorProto.INT16: 16}.get(inits[a.input[2]].data_type, 8)
-        return scale * (2 ** bits - 1) > wide_range
+        return scale * (2 ** _BITS[inits[a.input[2]].data_type] - 1) > wide_range
 
     out, done, dropped = [], [], set()
     for n in qdq.graph.node:
