@@ -323,9 +323,11 @@ def export_target(model: nn.Module, loaded: LoadedModel, dest: Path, spec: Expor
         if calibration is None:
             raise EdgeCompressError("the npu-qnn export of a causal LM needs the recipe's calibration windows")
         dest.mkdir(parents=True)
-        with ticker(2, f"exporting {spec.name} (prefill + decode graphs) for the NPU", progress) as advance:
+        with ticker(3, f"rounding weights and exporting {spec.name} (prefill + decode graphs) for the NPU",
+                    progress) as advance:
             body = export_npu_causal_lm(model, dest, np.asarray(calibration), static_shapes=spec.static_shapes,
-                                        activations=spec.npu_activations, progress=advance)
+                                        activations=spec.npu_activations, rounding=spec.npu_rounding,
+                                        progress=advance)
         loaded.save_hf_files(dest, model=model)
         return write_manifest(dest, {**manifest, "export": spec.model_dump(mode="json"), **body})
     exporters = {"causal-lm": export_causal_lm, "sentence-encoder": export_sentence_encoder}

@@ -900,8 +900,8 @@ class ExportSpec(BaseModel):
         "uint16", description="npu-qnn: activation type of the QDQ graph, uint16 or uint8."
     )
     npu_rounding: NpuRounding = Field(
-        "gptq", description="npu-qnn, image classifiers: how Conv/Linear weights reach their int8 per-channel grid: "
-        "gptq (error feedback on calibration images) or nearest.")
+        "gptq", description="npu-qnn, image classifiers and causal LMs: how Conv/Linear/MatMul weights reach their "
+        "int8 per-channel grid: gptq (error feedback on the calibration images or windows) or nearest.")
     npu_bias_correction: StrictBool = Field(
         True, description="npu-qnn, image classifiers: subtract the mean output shift the rounded weights cause on "
         "calibration images from each layer's bias.")

@@ -597,7 +597,8 @@ def export_npu_image_classifier(model, dest: Path, images: np.ndarray, *, static
 
 
 def _off_grid(qdq: onnx.ModelProto, rounded: Mapping[str, np.ndarray]) -> dict[str, dict]:
-    """Weights of ``rounded`` whose dequantized QDQ form differs from the array given: ``{name: {"channels":
+    """Weights of ``rounded`` (output channels first: a MatMul's ``[K, N]`` weight as ``[N, K]``) whose
+    dequantized QDQ form differs from the array given: ``{name: {"channels":
     how many output channels moved, "max_change": largest |change| / max|W|}}`` (a missing weight: all)."""
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     dqs = {n.input[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
@@ -608,7 +609,9 @@ def _off_grid(qdq: onnx.ModelProto, rounded: Mapping[str, np.ndarray]) -> dict[s
             off[name] = {"channels": int(w.shape[0]), "max_change": None}
             continue
         q, sc = inits[dq.input[0]].astype(np.float64), inits[dq.input[1]].astype(np.float64)
-        sc = sc.reshape(-1, *([1] * (q.ndim - 1))) if sc.ndim == 1 else sc
+        if sc.ndim == 1:  # per channel: the channel axis first, like ``rounded``
+            q = np.moveaxis(q, next((a.i for a in dq.attribute if a.name == "axis"), 1), 0)
+            sc = sc.reshape(-1, *([1] * (q.ndim - 1)))
         diff = np.abs(q * sc - w).reshape(len(w), -1).max(1)
         top = float(np.abs(w).max() or 1.0)
         moved = diff > 1e-6 * top
@@ -644,8 +647,6 @@ def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str,
     model_file, context_file = model_file or MODEL_FILE, context_file or CONTEXT_FILE
     proto, rewrites = prepare_for_npu(proto, static_shapes)
     qdq = quantize_for_qnn(proto, feeds, activations=activations, weight_scales=weight_scales, table_type=table_type)
-    if fp16:
-        rewrites["fp16_matmuls"] = fp16_matmuls(qdq, wide_range=fp16_wide_range)
     off: dict[str, dict] = {}
     if rounded_weights:
         # ONNX Runtime widens a channel's weight scale when its bias would overflow int32 at input scale x
@@ -659,6 +660,8 @@ def write_npu_artifact(proto: onnx.ModelProto, dest: Path, feeds: list[dict[str,
         if off:
             log.info("ONNX Runtime widened the int8 scale of %d near-dead channel(s) in %d layer(s) for their int32 "
                      "bias", sum(v["channels"] for v in off.values()), len(off))
+    if fp16:  # after the grid check: the float16 weights are the same codes' values, without their DQ
+        rewrites["fp16_matmuls"] = fp16_matmuls(qdq, wide_range=fp16_wide_range)
     onnx.save(qdq, str(dest / model_file))
     ops: dict[str, int] = {}
     for node in qdq.graph.node:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -36,6 +37,7 @@ from .npu import NpuExportError
 
 PREFILL, DECODE = "prefill", "decode"
 LLM_STATIC_DIMS = ("prefill_len", "max_context")
+ROUNDINGS = ("gptq", "nearest")
 #: weight MatMuls whose calibrated input range is wider than this run in float16 (export.npu.fp16_matmuls):
 #: SmolLM2-135M has three (ranges 762-3107; the median of its 211 is 9.7)
 FP16_WIDE_RANGE = 256.0
@@ -60,12 +62,111 @@ def llm_static_dims(static_shapes: Mapping[str, int] | None) -> tuple[int, int]:
     return p, c
 
 
-def _plain_linear(m: nn.Module, name: str) -> torch.Tensor:
+def _plain_linear(m: nn.Module, name: str, rounded: Mapping[str, "Rounded"] | None = None) -> torch.Tensor:
     if type(m) is not nn.Linear or m.bias is not None:
         raise NpuExportError(f"{name} is a {type(m).__name__}{' with bias' if type(m) is nn.Linear else ''}: the "
                              "npu-qnn export quantizes the float model itself",
                              hint="drop the quantize/sparsify steps (or export them for the cpu target)")
+    if rounded is not None and name in rounded:
+        return rounded[name].weight
     return m.weight.detach().float()
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module, float]]:
+    """``(name, module, factor)`` of every weight MatMul of the static graphs, in graph order: ``factor`` is what
+    :class:`StaticLlama` multiplies the weight by (the query projection carries ``1/sqrt(head_dim)``)."""
+    from .onnx_llm import llama_dims
+
+    d = llama_dims(model.config)
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        a, m, pre = layer.self_attn, layer.mlp, f"model.layers.{i}"
+        out += [(f"{pre}.self_attn.q_proj", a.q_proj, 1.0 / math.sqrt(d.head_dim)),
+                *[(f"{pre}.self_attn.{k}", getattr(a, k), 1.0) for k in ("k_proj", "v_proj", "o_proj")],
+                *[(f"{pre}.mlp.{k}", getattr(m, k), 1.0) for k in ("gate_proj", "up_proj", "down_proj")]]
+    return out + [("lm_head", model.lm_head, 1.0)]
+
+
+# ----------------------------------------------------------------------------- int8 weight rounding
+
+class Rounded(NamedTuple):
+    """A weight on its int8 symmetric per-output-channel grid: ``weight = scale[:, None] * q``, ``|q| <= 127``."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+
+@torch.no_grad()
+def round_linears(model: nn.Module, windows: np.ndarray, *, damp: float = 0.01,
+                  progress=None) -> tuple[dict[str, Rounded], dict]:
+    """GPTQ-round every weight MatMul of the static graphs (decoder linears and the LM head) to its int8
+    symmetric per-output-channel grid (scale ``max|W_c| / 127``, as the QDQ export would take it): each
+    column's rounding error is fed into the later columns along the inverse Hessian of the layer's input
+    (:func:`~edgecompress.compress.quant.conv_rounding.gptq_fixed_scale`). The Hessians are the float model's
+    on the calibration ``windows`` (at 8 bits the layers' inputs barely move, so no sequential pass).
+
+    Returns ``{module name: Rounded}`` and a manifest record with the Hessian-weighted relative output error
+    ``tr(dW H dWᵀ) / tr(W H Wᵀ)`` of nearest rounding and of GPTQ, averaged over the layers. The weights of
+    ``model`` are not changed (its LM head may be tied to the embedding, which stays a uint16 table)."""
+    from edgecompress.compress.calibration.driver import StatRequest, calibrate
+    from edgecompress.compress.quant.conv_rounding import channel_scales, gptq_fixed_scale, round_nearest
+    from edgecompress.compress.quant.sequential import stat_source
+
+    linears = _linears(model)
+    store = calibrate(model, torch.from_numpy(np.asarray(windows, np.int64)),
+                      [StatRequest(r"(\.(q_proj|o_proj|gate_proj|down_proj)|^lm_head)$", "hessian")])
+    rounded, errors = {}, []
+    for name, module, _ in linears:
+        W = module.weight.detach().float()
+        H = store.get(stat_source(name) if name != "lm_head" else name, "hessian")["hessian"].double()
+        s = channel_scales(W)
+        dead = W.abs().amax(1) == 0  # e.g. a tied head's padding row: a 1e-38 scale broke the HTP's MatMul
+        if dead.any():
+            s[dead] = s[~dead].median() if not dead.all() else 1.0
+        Wq = gptq_fixed_scale(W, H[None].float(), s, damp)
+        rounded[name] = Rounded(Wq, s)
+
+        def rel(dW: torch.Tensor) -> float:
+            return float(((dW.double() @ H) * dW.double()).sum() / ((W.double() @ H) * W.double()).sum())
+
+        errors.append((rel(round_nearest(W, s) - W), rel(Wq - W)))
+        if progress is not None:
+            progress()
+    near, gptq = (float(np.mean([e[k] for e in errors])) for k in (0, 1))
+    return rounded, {"method": "gptq", "damp": damp, "calibration_windows": int(len(windows)),
+                     "layers": len(linears), "mean_rel_output_error_nearest": round(near, 8),
+                     "mean_rel_output_error": round(gptq, 8)}
+
+
+def grid_scales(proto: onnx.ModelProto, model: nn.Module, rounded: Mapping[str, Rounded]) -> dict[str, np.ndarray]:
+    """``{initializer name: per-output-channel scale}`` for the MatMul weights of ``proto`` (a static graph of
+    ``model`` with ``rounded`` weights) that hold a rounded weight, matched by content (the exporter names the
+    transposed constants itself). Every rounded weight must be found: an :class:`NpuExportError` otherwise."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    def key(a: np.ndarray) -> str:
+        return hashlib.sha1(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
+
+    wanted = {}
+    for name, _, factor in _linears(model):
+        if name in rounded:
+            w, s = rounded[name]
+            wanted[key((w * factor).T.numpy())] = (name, (s * factor).numpy())
+    inits = {i.name: i for i in proto.graph.initializer}
+    scales, found = {}, set()
+    for n in proto.graph.node:
+        if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits:
+            hit = wanted.get(key(numpy_helper.to_array(inits[n.input[1]])))
+            if hit is not None:
+                scales[n.input[1]] = hit[1]
+                found.add(hit[0])
+    missing = sorted(set(rounded) - found)
+    if missing:
+        raise NpuExportError(f"{len(missing)} rounded weight(s) not found in the traced graph: {', '.join(missing[:4])}",
+                             hint="report this model: the exporter changed a weight while tracing")
+    return scales
 
 
 class _LpNormalize(torch.autograd.Function):
@@ -82,9 +183,11 @@ class _LpNormalize(torch.autograd.Function):
 
 class StaticLlama(nn.Module):
     """A Hugging Face Llama-family model as a static prefill or decode step with an explicit mask, explicit
-    positions and a fixed-size cache (module docstring). Holds copies of the model's float weights."""
+    positions and a fixed-size cache (module docstring). Holds copies of the model's float weights, or of their
+    ``rounded`` int8-grid values (:func:`round_linears`) where given."""
 
-    def __init__(self, model: nn.Module, *, max_context: int, mode: str):
+    def __init__(self, model: nn.Module, *, max_context: int, mode: str,
+                 rounded: Mapping[str, Rounded] | None = None):
         super().__init__()
         from .onnx_llm import llama_dims
 
@@ -104,18 +207,18 @@ class StaticLlama(nn.Module):
         self.w = nn.ParameterList()
         for i, layer in enumerate(inner.layers):
             a, m, pre = layer.self_attn, layer.mlp, f"model.layers.{i}"
-            for t in (_plain_linear(a.q_proj, f"{pre}.self_attn.q_proj") * scale,
-                      _plain_linear(a.k_proj, f"{pre}.self_attn.k_proj"),
-                      _plain_linear(a.v_proj, f"{pre}.self_attn.v_proj"),
-                      _plain_linear(a.o_proj, f"{pre}.self_attn.o_proj"),
-                      _plain_linear(m.gate_proj, f"{pre}.mlp.gate_proj"),
-                      _plain_linear(m.up_proj, f"{pre}.mlp.up_proj"),
-                      _plain_linear(m.down_proj, f"{pre}.mlp.down_proj"),
+            for t in (_plain_linear(a.q_proj, f"{pre}.self_attn.q_proj", rounded) * scale,
+                      _plain_linear(a.k_proj, f"{pre}.self_attn.k_proj", rounded),
+                      _plain_linear(a.v_proj, f"{pre}.self_attn.v_proj", rounded),
+                      _plain_linear(a.o_proj, f"{pre}.self_attn.o_proj", rounded),
+                      _plain_linear(m.gate_proj, f"{pre}.mlp.gate_proj", rounded),
+                      _plain_linear(m.up_proj, f"{pre}.mlp.up_proj", rounded),
+                      _plain_linear(m.down_proj, f"{pre}.mlp.down_proj", rounded),
                       layer.input_layernorm.weight.detach().float() * math.sqrt(d.hidden),
                       layer.post_attention_layernorm.weight.detach().float() * math.sqrt(d.hidden)):
                 self.w.append(nn.Parameter(t.clone(), requires_grad=False))
         self.norm = nn.Parameter(inner.norm.weight.detach().float() * math.sqrt(d.hidden), requires_grad=False)
-        self.head = nn.Parameter(_plain_linear(model.lm_head, "lm_head").clone(), requires_grad=False)
+        self.head = nn.Parameter(_plain_linear(model.lm_head, "lm_head", rounded).clone(), requires_grad=False)
         inv_freq = 1.0 / (d.rope_theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.int64).float() / d.head_dim))
         freqs = torch.outer(torch.arange(max_context, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", torch.cat([freqs.cos(), freqs.cos()], -1), persistent=False)
@@ -190,9 +293,11 @@ class StaticLlama(nn.Module):
                 torch.zeros(1, c, dtype=torch.int64), *past)
 
 
-def static_llm_onnx(model: nn.Module, mode: str, *, prefill_len: int, max_context: int) -> onnx.ModelProto:
-    """The fp32 static ``mode`` graph (prefill | decode) of ``model``, traced with static shapes."""
-    wrapper = StaticLlama(model, max_context=max_context, mode=mode).eval()
+def static_llm_onnx(model: nn.Module, mode: str, *, prefill_len: int, max_context: int,
+                    rounded: Mapping[str, Rounded] | None = None) -> onnx.ModelProto:
+    """The fp32 static ``mode`` graph (prefill | decode) of ``model``, traced with static shapes (with the
+    ``rounded`` weights where given)."""
+    wrapper = StaticLlama(model, max_context=max_context, mode=mode, rounded=rounded).eval()
     inputs, outputs = wrapper.io_names()
     buf = io.BytesIO()
     with torch.no_grad():
@@ -253,11 +358,14 @@ def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # ----------------------------------------------------------------------------- artifact
 
 def export_npu_causal_lm(model: nn.Module, dest, windows: np.ndarray, *, static_shapes: Mapping[str, int],
-                         activations: str = "uint16", decode_per_window: int = 4, progress=None) -> dict:
+                         activations: str = "uint16", rounding: str = "gptq", decode_per_window: int = 4,
+                         progress=None) -> dict:
     """Write the static prefill and decode graphs of ``model`` into ``dest`` as QDQ NPU graphs
     (``prefill.onnx``, ``decode.onnx`` and, with onnxruntime-qnn installed, their compiled HTP contexts),
     calibrated on ``windows`` (token windows ``[N, L]``): prefill on their first ``prefill_len`` tokens, decode
-    on the float model's real caches at ``decode_per_window`` positions per window. Returns manifest fields."""
+    on the float model's real caches at ``decode_per_window`` positions per window. ``rounding``: how the weights
+    reach their int8 per-channel grid, ``gptq`` (:func:`round_linears`, on the same windows; both graphs hold
+    the same codes) or ``nearest``. Returns manifest fields."""
     from .npu import write_npu_artifact
 
     p, c = llm_static_dims(static_shapes)
@@ -265,12 +373,22 @@ def export_npu_causal_lm(model: nn.Module, dest, windows: np.ndarray, *, static_
     if windows.ndim != 2 or len(windows) == 0 or windows.shape[1] < 2:
         raise NpuExportError(f"the NPU export needs calibration token windows [N, L >= 2], got {list(windows.shape)}",
                              hint="set calibration.samples and calibration.seq_len")
+    if rounding not in ROUNDINGS:
+        raise NpuExportError(f"unknown NPU weight rounding {rounding!r}", hint=f"use one of {ROUNDINGS}")
     feeds = {PREFILL: prefill_feeds(windows, p), DECODE: decode_feeds(model, windows, c, decode_per_window)}
     shapes = {"batch_size": 1, "prefill_len": p, "max_context": c}
+    rounded, rounding_record = ({}, {"method": "nearest"}) if rounding == "nearest" else round_linears(model, windows)
+    if progress is not None:
+        progress()
     bodies = {}
     for mode in (PREFILL, DECODE):
-        proto = static_llm_onnx(model, mode, prefill_len=p, max_context=c)
+        proto = static_llm_onnx(model, mode, prefill_len=p, max_context=c, rounded=rounded)
+        scales = grid_scales(proto, model, rounded) if rounded else None
+        inits = {i.name: i for i in proto.graph.initializer}
         bodies[mode] = write_npu_artifact(proto, dest, feeds[mode], static_shapes=shapes, activations=activations,
+                                          weight_scales=scales,
+                                          rounded_weights={k: onnx.numpy_helper.to_array(inits[k]).T
+                                                           for k in scales} if scales else None,
                                           model_file=f"{mode}.onnx", context_file=f"{mode}_ctx.onnx",
                                           table_type="uint16", fp16=True,
                                           fp16_wide_range=FP16_WIDE_RANGE)
@@ -282,6 +400,7 @@ def export_npu_causal_lm(model: nn.Module, dest, windows: np.ndarray, *, static_
                      "op_counts": b["onnx"]["op_counts"]} for mode, b in bodies.items()}
     npu = {k: v for k, v in pre["npu"].items() if k not in ("context", "placement", "inputs", "calibration_feeds")}
     npu["graphs"] = graphs
+    npu["weight_rounding"] = rounding_record
     npu["kv_cache"] = {"layout": "[layers, (key, value), kv_heads, max_context, head_dim] float32, held by the runtime",
                        "prefill": "writes key.{i}/value.{i} [1, kv_heads, prefill_len, head_dim] into slots 0..P-1",
                        "decode": "reads past_key.{i}/past_value.{i} [1, kv_heads, max_context, head_dim] with "

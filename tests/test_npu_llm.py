@@ -140,6 +140,7 @@ def test_qdq_artifact_runs_fully_on_the_htp(npu_artifact, tiny):
 
     art = Artifact.load(npu_artifact)
     npu = art.manifest["npu"]
+    assert npu["weight_rounding"]["method"] == "gptq"  # the export checked the QDQ graphs hold its codes
     for mode in ("prefill", "decode"):
         assert npu["graphs"][mode]["placement"] == {"QNNExecutionProvider": 1}, mode  # 0 CPU nodes
         ops = npu["graphs"][mode]["op_counts"]
@@ -253,3 +254,61 @@ def test_fp16_rewrite_takes_activation_matmuls_and_wide_inputs(wide_range):
         np.testing.assert_allclose(after[2], exact, rtol=0, atol=2e-3 * np.abs(exact).max())  # fp16 inputs
     else:
         np.testing.assert_array_equal(after[2], before[2])
+
+
+# ----------------------------------------------------------------------------- GPTQ int8 weight rounding
+
+def test_gptq_rounding_is_on_the_grid_and_beats_nearest_on_held_out_text(tiny):
+    """round_linears: every weight MatMul of the static graphs on its int8 per-channel grid (scale max|W_c|/127,
+    |code| <= 127); the model with those weights is closer to the float model on held-out text than with the
+    nearest codes (the oracle: the torch model itself, not the Hessian error the function reports)."""
+    import copy
+
+    from edgecompress.compress.quant.conv_rounding import channel_scales, round_nearest
+    from edgecompress.data import load_text, token_windows
+    from edgecompress.export.npu_llm import _linears, round_linears
+
+    tok = load_model("tiny-llama").tokenizer
+    calib = token_windows(tok, load_text("pydoc:calib"), C, 8, seed=0).numpy()
+    rounded, record = round_linears(tiny, calib)
+    assert set(rounded) == {name for name, _, _ in _linears(tiny)} and "lm_head" in rounded
+    for name, (w, s) in rounded.items():
+        q = w.double() / s.double()[:, None]
+        assert (q - q.round()).abs().max() < 1e-4 and q.abs().max() <= 127 + 1e-4, name
+        live = tiny.get_submodule(name).weight.abs().amax(1) > 0
+        torch.testing.assert_close(s[live], channel_scales(tiny.get_submodule(name).weight)[live])
+    assert record["mean_rel_output_error"] < record["mean_rel_output_error_nearest"]
+
+    held = token_windows(tok, load_text("pydoc:eval"), 48, 2, seed=0)
+    errors = {}
+    with torch.no_grad():
+        ref = [tiny(input_ids=row[None]).logits for row in held]
+        for kind in ("nearest", "gptq"):
+            m = copy.deepcopy(tiny)
+            m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())  # the embedding stays float
+            for name, mod, _ in _linears(m):
+                w = mod.weight.data
+                mod.weight.data = rounded[name].weight.clone() if kind == "gptq" else round_nearest(w, channel_scales(w))
+            errors[kind] = sum(float((m(input_ids=row[None]).logits - r).pow(2).mean()) for row, r in zip(held, ref))
+    assert errors["gptq"] < errors["nearest"], errors
+
+
+def test_grid_scales_find_every_rounded_weight_or_name_the_missing(tiny):
+    """grid_scales maps the traced graph's (transposed, renamed) MatMul constants back to the rounded weights,
+    the query projection with its folded 1/sqrt(head_dim); a weight the graph does not hold is named."""
+    from edgecompress.export.npu_llm import Rounded, grid_scales, round_linears
+
+    calib = np.random.default_rng(0).integers(0, tiny.config.vocab_size, (4, C))
+    rounded, _ = round_linears(tiny, calib)
+    for mode in ("prefill", "decode"):
+        proto = static_llm_onnx(tiny, mode, prefill_len=P, max_context=C, rounded=rounded)
+        scales = grid_scales(proto, tiny, rounded)
+        assert len(scales) == len(rounded)
+        q_name = "model.layers.0.self_attn.q_proj"
+        head_dim = tiny.config.hidden_size // tiny.config.num_attention_heads
+        assert any(np.allclose(s, rounded[q_name].scale.numpy() / np.sqrt(head_dim)) for s in scales.values())
+    bad = dict(rounded)
+    w, s = bad["lm_head"]
+    bad["lm_head"] = Rounded(w + s[:, None], s)  # one code up: no longer what the graph was traced with
+    with pytest.raises(NpuExportError, match="lm_head"):
+        grid_scales(proto, tiny, bad)
