@@ -72,6 +72,8 @@ def test_gptq_on_the_fixed_grid_beats_nearest_rounding(per_row):
     assert codes.abs().max() <= 127 + 1e-4
     err = lambda Wq: sum(_layer_error(W[i:i + 1], Wq[i:i + 1], H[i if per_row else 0]) for i in range(n))  # noqa: E731
     assert err(Wg) < 0.7 * err(Wn), (err(Wg), err(Wn))
+    # the lazy batch update (blocks of 5 columns) gives the column-by-column result
+    torch.testing.assert_close(gptq_fixed_scale(W, H, s, block=5), gptq_fixed_scale(W, H, s, block=k), atol=1e-6, rtol=0)
 
 
 def _tiny_folded():

@@ -80,15 +80,18 @@ def patch_hessian(patches: torch.Tensor) -> torch.Tensor:
     return (p.T @ p)[None] if p.dim() == 2 else p.transpose(1, 2) @ p
 
 
-def gptq_fixed_scale(W: torch.Tensor, H: torch.Tensor, scales: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+def gptq_fixed_scale(W: torch.Tensor, H: torch.Tensor, scales: torch.Tensor, damp: float = 0.01,
+                     block: int = 128) -> torch.Tensor:
     """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
     Transformers") of ``W [N, K]`` on a FIXED symmetric grid (``scales [N]``, q in ±127).
 
     ``H``: ``[1, K, K]`` shared by every row, or ``[N, K, K]`` one per row (depthwise convolutions).
     With ``U`` the upper Cholesky factor of ``Hinv = (H + λI)^-1`` (λ = ``damp``·mean diag), column j is
     rounded and its scaled error ``(w_j − q_j) / U_jj`` is subtracted from the later columns along
-    ``U[j, j+1:]``. Returns the rounded weights ``[N, K]`` (on the grid). Dead inputs (``H_jj = 0``) get
-    ``H_jj = 1`` (their weights are rounded to nearest)."""
+    ``U[j, j+1:]``: inside a ``block`` of columns at once, to the columns after it in one product per block
+    (GPTQ's lazy batch update: the same result, without an ``[N, K]`` update per column). Returns the rounded
+    weights ``[N, K]`` (on the grid). Dead inputs (``H_jj = 0``) get ``H_jj = 1`` (their weights are rounded
+    to nearest)."""
     W = W.detach().double().clone()
     H = H.detach().double().clone()
     K = W.shape[1]
@@ -100,14 +103,23 @@ def gptq_fixed_scale(W: torch.Tensor, H: torch.Tensor, scales: torch.Tensor, dam
         raise ValueError("GPTQ: the damped Hessian is not positive definite (too few calibration images?)")
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     s = scales.double()
-    Q = torch.empty_like(W)
-    for j in range(K):
-        w = W[:, j]
-        q = (w / s).round().clamp(-QMAX, QMAX) * s
-        Q[:, j] = q
-        err = (w - q) / U[:, j, j]
-        W[:, j + 1:] -= err[:, None] * U[:, j, j + 1:]
-    return Q.float()
+    Wt, Qt = W.T.contiguous(), torch.empty(K, W.shape[0], dtype=W.dtype)  # columns as contiguous rows
+    Ut = U.transpose(0, 2)  # Ut[j, :, i] = U[i, :, j]: [K, K, 1 | N]
+    for b0 in range(0, K, block):
+        b1 = min(b0 + block, K)
+        errs = torch.empty(b1 - b0, W.shape[0], dtype=W.dtype)
+        for j in range(b0, b1):
+            w = Wt[j]
+            q = (w / s).round().clamp(-QMAX, QMAX) * s
+            Qt[j] = q
+            err = (w - q) / Ut[j, j]
+            Wt[j + 1:b1] -= Ut[j + 1:b1, j] * err
+            errs[j - b0] = err
+        if b1 < K and len(U) == 1:  # one Hessian: [K - b1, B] x [B, N]
+            Wt[b1:] -= U[0, b0:b1, b1:].T @ errs
+        elif b1 < K:  # one per row
+            Wt[b1:] -= torch.einsum("bn,nbk->kn", errs, U[:, b0:b1, b1:])
+    return Qt.T.float()
 
 
 def bias_shift(y_ref: torch.Tensor, y_q: torch.Tensor) -> torch.Tensor:
