@@ -8,8 +8,8 @@ greedy, at most ``--max-new-tokens``), and each topic gives one pair ``{"prompt"
 as the assistant's answer to the neutral prompt, so the difference of their means is "this answer is
 joyful" with the instruction that caused it left out. Both answers are cut to the same number of
 tokens (the shorter one's), so with ``position: mean`` the shared chat prefix weighs the same on both
-sides and cancels. The topics are disjoint from ``builtin:sentiment-eval`` (``tests/test_steer.py``
-checks it).
+sides and nearly cancels (re-encoding an answer can change its length by a token). The topics are
+disjoint from ``builtin:sentiment-eval`` (``tests/test_steer.py`` checks it).
 
     python benchmarks/make_sentiment_answers.py          # rewrites edgecompress/prompts/sentiment-answers.jsonl
 """
