@@ -333,7 +333,8 @@ def test_quantize_after_steer_keeps_the_bias(tmp_path):
 def test_bundled_eval_prompts_are_disjoint_from_the_direction_prompts():
     from edgecompress.data import builtin_prompt_sets, load_prompt_pairs, load_prompts
 
-    assert {"concise-pairs", "concise-eval", "sentiment-pairs", "sentiment-eval"} <= set(builtin_prompt_sets())
+    assert {"concise-pairs", "concise-eval", "sentiment-pairs", "sentiment-eval", "sentiment-answers"} <= set(
+        builtin_prompt_sets())
     for task in ("concise", "sentiment"):
         pos, neg = load_prompt_pairs(f"builtin:{task}-pairs")
         held_out = load_prompts(f"builtin:{task}-eval")
@@ -345,6 +346,13 @@ def test_bundled_eval_prompts_are_disjoint_from_the_direction_prompts():
     for (q, whole), (q2, cut) in zip(answers_pos, answers_neg):
         assert q == q2 and whole.startswith(cut) and len(cut) < len(whole)  # a cut of the same answer
         assert not any(e.rstrip("?.") in q for e in load_prompts("builtin:concise-eval")), q
+    joyful, gloomy = load_prompt_pairs("builtin:sentiment-answers")  # (neutral prompt, answer) pairs
+    assert len(joyful) >= 16 and all(isinstance(p, tuple) for p in joyful + gloomy)
+    topics = [p.split(". Be ")[0] + "." for p in load_prompt_pairs("builtin:sentiment-pairs")[0]]
+    for (q, good), (q2, bad) in zip(joyful, gloomy):
+        assert q == q2 and q in topics and good and bad and good != bad  # two answers to one neutral prompt
+        assert "Be joyful" not in q and "Be gloomy" not in q
+        assert not any(e.rstrip("?.") in q for e in load_prompts("builtin:sentiment-eval")), q
 
 
 def test_prompt_files_errors(tmp_path):
