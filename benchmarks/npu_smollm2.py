@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="run folder of recipes/smollm2-135m-npu.yaml")
     ap.add_argument("--windows", type=int, default=4, help="held-out prefill windows (default 4; 0: skip)")
     ap.add_argument("--prompts", type=int, default=2, help="held-out prompts for the greedy comparison (default 2)")
+    ap.add_argument("--only", type=int, nargs="+", metavar="K",
+                    help="run only prompts K.. (1-based) of the --prompts set (the simulator is slow)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--runtimes", default="qnn-htp,ort-cpu")
@@ -61,11 +63,16 @@ def main() -> None:
     text = load_text("pydoc:eval")
     windows = token_windows(tok, text, p, args.windows, seed=0) if args.windows else None
     prompts = [[int(t) for t in row] for row in token_windows(tok, text, args.prompt_tokens, args.prompts, seed=1)]
+    if args.only:  # a subset of the same prompt set (which prompts a set holds depends on its size)
+        if not all(1 <= k <= len(prompts) for k in args.only):
+            ap.error(f"--only takes prompt numbers 1..{len(prompts)}")
+        prompts = [prompts[k - 1] for k in args.only]
     cpu_ref = open_runtime("ort-cpu", fp32)
     ref_tokens = [cpu_ref.generate(pr, args.steps).tokens for pr in prompts]
 
     out = {"held_out": {"data": "pydoc:eval", "prefill_windows": args.windows, "window_tokens": p,
-                        "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "steps": args.steps}}
+                        "prompts": args.prompts, "only": args.only, "prompt_tokens": args.prompt_tokens,
+                        "steps": args.steps}}
     for name in args.runtimes.split(","):
         t = time.perf_counter()
         rt = open_runtime(name, npu)
