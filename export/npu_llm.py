@@ -72,11 +72,22 @@ def _plain_linear(m: nn.Module, name: str, rounded: Mapping[str, "Rounded"] | No
     return m.weight.detach().float()
 
 
+def _require_whole(model: nn.Module) -> None:
+    from .onnx_llm import llama_dims
+
+    layers = model.model.layers
+    if len(layers) != llama_dims(model.config).layers or any(not hasattr(l, "self_attn") or not hasattr(l, "mlp")
+                                                             for l in layers):
+        raise NpuExportError("the npu-qnn export of causal LMs needs every decoder layer whole (attention and MLP)",
+                             hint="drop prune_layers, or export the pruned model for the cpu target")
+
+
 def _linears(model: nn.Module) -> list[tuple[str, nn.Module, float]]:
     """``(name, module, factor)`` of every weight MatMul of the static graphs, in graph order: ``factor`` is what
     :class:`StaticLlama` multiplies the weight by (the query projection carries ``1/sqrt(head_dim)``)."""
     from .onnx_llm import llama_dims
 
+    _require_whole(model)
     d = llama_dims(model.config)
     out = []
     for i, layer in enumerate(model.model.layers):
@@ -113,11 +124,13 @@ def round_linears(model: nn.Module, windows: np.ndarray, *, damp: float = 0.01,
     from edgecompress.compress.quant.sequential import stat_source
 
     linears = _linears(model)
+    for name, module, _ in linears:  # before the calibration pass
+        _plain_linear(module, name)
     store = calibrate(model, torch.from_numpy(np.asarray(windows, np.int64)),
                       [StatRequest(r"(\.(q_proj|o_proj|gate_proj|down_proj)|^lm_head)$", "hessian")])
     rounded, errors = {}, []
     for name, module, _ in linears:
-        W = module.weight.detach().float()
+        W = _plain_linear(module, name)  # a plain float Linear, or the error that says why not
         H = store.get(stat_source(name) if name != "lm_head" else name, "hessian")["hessian"].double()
         s = channel_scales(W)
         dead = W.abs().amax(1) == 0  # e.g. a tied head's padding row: a 1e-38 scale broke the HTP's MatMul
@@ -198,10 +211,7 @@ class StaticLlama(nn.Module):
         self.layers, self.heads, self.kv_heads, self.head_dim = d.layers, d.heads, d.kv_heads, d.head_dim
         self.groups = d.heads // d.kv_heads
         inner = model.model
-        if len(inner.layers) != d.layers or any(not hasattr(l, "self_attn") or not hasattr(l, "mlp")
-                                                for l in inner.layers):
-            raise NpuExportError("the npu-qnn export of causal LMs needs every decoder layer whole (attention and MLP)",
-                                 hint="drop prune_layers, or export the pruned model for the cpu target")
+        _require_whole(model)
         self.embed = nn.Parameter(inner.embed_tokens.weight.detach().float().clone(), requires_grad=False)
         scale = 1.0 / math.sqrt(d.head_dim)  # folded into the query projection (RoPE is linear)
         self.w = nn.ParameterList()

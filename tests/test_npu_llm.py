@@ -312,3 +312,19 @@ def test_grid_scales_find_every_rounded_weight_or_name_the_missing(tiny):
     bad["lm_head"] = Rounded(w + s[:, None], s)  # one code up: no longer what the graph was traced with
     with pytest.raises(NpuExportError, match="lm_head"):
         grid_scales(proto, tiny, bad)
+
+
+def test_rounding_refuses_what_the_static_graphs_cannot_hold(tiny):
+    """round_linears names a compressed (here: biased) linear or a pruned layer before its calibration pass."""
+    import copy
+
+    from edgecompress.export.npu_llm import round_linears
+
+    calib = np.zeros((1, 8), np.int64)
+    m = copy.deepcopy(tiny)
+    m.model.layers[1].mlp.down_proj = torch.nn.Linear(m.config.intermediate_size, m.config.hidden_size)
+    with pytest.raises(NpuExportError, match=r"model.layers.1.mlp.down_proj is a Linear with bias"):
+        round_linears(m, calib)
+    del m.model.layers[1].mlp
+    with pytest.raises(NpuExportError, match="every decoder layer whole"):
+        round_linears(m, calib)
