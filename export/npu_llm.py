@@ -133,9 +133,6 @@ def round_linears(model: nn.Module, windows: np.ndarray, *, damp: float = 0.01,
         W = _plain_linear(module, name)  # a plain float Linear, or the error that says why not
         H = store.get(stat_source(name) if name != "lm_head" else name, "hessian")["hessian"].double()
         s = channel_scales(W)
-        dead = W.abs().amax(1) == 0  # e.g. a tied head's padding row: a 1e-38 scale broke the HTP's MatMul
-        if dead.any():
-            s[dead] = s[~dead].median() if not dead.all() else 1.0
         Wq = gptq_fixed_scale(W, H[None].float(), s, damp)
         rounded[name] = Rounded(Wq, s)
 

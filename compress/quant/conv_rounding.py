@@ -50,8 +50,14 @@ class ConvRoundingConfig:
 # ----------------------------------------------------------------------------- pure cores
 
 def channel_scales(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 scale per output channel (dim 0): ``max|W_c| / 127`` (float32, ``[C_out]``)."""
-    return (weight.detach().float().flatten(1).abs().amax(1) / QMAX).clamp_min(torch.finfo(torch.float32).tiny)
+    """Symmetric int8 scale per output channel (dim 0): ``max|W_c| / 127`` (float32, ``[C_out]``). An all-zero
+    channel (e.g. a tied LM head's padding row) gets the median of the others (1 if none): its codes are 0
+    either way, and a 1e-38 scale made the QNN HTP's MatMul wrong for the whole layer."""
+    s = weight.detach().float().flatten(1).abs().amax(1) / QMAX
+    dead = s == 0
+    if dead.any():
+        s[dead] = s[~dead].median() if not dead.all() else 1.0
+    return s
 
 
 def round_nearest(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
