@@ -108,8 +108,7 @@ class Rounded(NamedTuple):
 
 
 @torch.no_grad()
-def round_linears(model: nn.Module, windows: np.ndarray, *, damp: float = 0.01,
-                  progress=None) -> tuple[dict[str, Rounded], dict]:
+def round_linears(model: nn.Module, windows: np.ndarray, *, damp: float = 0.01) -> tuple[dict[str, Rounded], dict]:
     """GPTQ-round every weight MatMul of the static graphs (decoder linears and the LM head) to its int8
     symmetric per-output-channel grid (scale ``max|W_c| / 127``, as the QDQ export would take it): each
     column's rounding error is fed into the later columns along the inverse Hessian of the layer's input
@@ -140,8 +139,6 @@ def round_linears(model: nn.Module, windows: np.ndarray, *, damp: float = 0.01,
             return float(((dW.double() @ H) * dW.double()).sum() / ((W.double() @ H) * W.double()).sum())
 
         errors.append((rel(round_nearest(W, s) - W), rel(Wq - W)))
-        if progress is not None:
-            progress()
     near, gptq = (float(np.mean([e[k] for e in errors])) for k in (0, 1))
     return rounded, {"method": "gptq", "damp": damp, "calibration_windows": int(len(windows)),
                      "layers": len(linears), "mean_rel_output_error_nearest": round(near, 8),
