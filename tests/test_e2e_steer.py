@@ -25,7 +25,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-steer-c
 def test_concise_steering_is_baked_exported_and_shortens_answers(tmp_path):
     spec = yaml.safe_load(RECIPE.read_text())
     spec["calibration"].update(samples=2, seq_len=128)
-    spec["steps"][0]["steer"].update(kl_tokens=128, search_steps=3)
+    spec["steps"][0]["steer"].update(kl_tokens=128, search_steps=4)  # 4 halvings reach 0.125
     spec.pop("check", None)
     run_recipe(parse_recipe(json.dumps(spec)), tmp_path, progress=False, bench=False)
     steered = Artifact.load(tmp_path / spec["name"] / "steered")
