@@ -25,12 +25,14 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-steer-c
 def test_concise_steering_is_baked_exported_and_shortens_answers(tmp_path):
     spec = yaml.safe_load(RECIPE.read_text())
     spec["calibration"].update(samples=2, seq_len=128)
-    spec["steps"][0]["steer"].update(kl_tokens=128, search_steps=3)
+    spec["steps"][0]["steer"].update(kl_tokens=128, search_steps=4)  # 4 halvings reach 0.125
     spec.pop("check", None)
     run_recipe(parse_recipe(json.dumps(spec)), tmp_path, progress=False, bench=False)
     steered = Artifact.load(tmp_path / spec["name"] / "steered")
-    (rec,) = [r for s in steered.manifest["steps"] if s["step"] == "steer" for r in s["modules"]]
-    assert rec["strength"] > 0 and rec["neutral_kl"] <= spec["steps"][0]["steer"]["kl_bound"]
+    recs = [r for s in steered.manifest["steps"] if s["step"] == "steer" for r in s["modules"]]
+    assert [r["layer"] for r in recs] == spec["steps"][0]["steer"]["layers"]  # one record per steered layer
+    for rec in recs:
+        assert rec["strength"] > 0 and rec["neutral_kl"] <= spec["steps"][0]["steer"]["kl_bound"]
 
     # the baked ONNX artifact equals the unsteered model with the vector added by a hook, to within
     # 1e-4 or the difference ORT and torch already have on the unsteered model, whichever is larger
@@ -41,8 +43,8 @@ def test_concise_steering_is_baked_exported_and_shortens_answers(tmp_path):
     with torch.no_grad():
         floor = float(np.abs(open_runtime("ort-cpu", fp32).logits(ids.numpy())
                              - reference(input_ids=ids[None], use_cache=False).logits[0].numpy()).max())
-    v = torch.tensor(rec["direction"]) * rec["norm"] * rec["strength"]
-    with torch.no_grad(), added_to_stream(reference, {rec["layer"]: v}):
+    vecs = {r["layer"]: torch.tensor(r["direction"]) * r["norm"] * r["strength"] for r in recs}
+    with torch.no_grad(), added_to_stream(reference, vecs):
         hooked = reference(input_ids=ids[None], use_cache=False).logits[0].numpy()
     baked = open_runtime("ort-cpu", steered).logits(ids.numpy())
     assert float(np.abs(baked - hooked).max()) <= max(1e-4, 1.5 * floor)
