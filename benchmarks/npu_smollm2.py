@@ -82,6 +82,7 @@ def main() -> None:
             row["prefill"] = check_causal_lm(rt.logits, reference, windows)
             row["prefill_s_per_window"] = round((time.perf_counter() - t) / args.windows, 2)
         free = forced = total = 0
+        per_prompt = []
         decode_s = decode_steps = 0.0
         for pr, ref in zip(prompts, ref_tokens):
             if not args.no_free:
@@ -89,12 +90,14 @@ def main() -> None:
                 decode_s, decode_steps = decode_s + g.decode_seconds, decode_steps + len(g.tokens) - 1
                 free += sum(a == b for a, b in zip(g.tokens, ref))
             t = time.perf_counter()
-            forced += sum(a == b for a, b in zip(teacher_forced(rt, pr, ref), ref))
+            per_prompt.append(sum(a == b for a, b in zip(teacher_forced(rt, pr, ref), ref)))
+            forced += per_prompt[-1]
             if args.no_free:
                 decode_s, decode_steps = decode_s + time.perf_counter() - t, decode_steps + len(ref)  # + 1 prefill
             total += len(ref)
         row["decode_s_per_step"] = round(decode_s / max(decode_steps, 1), 3)
         row["greedy_vs_fp32_cpu"] = {"teacher_forced_match": forced / total, "steps": total,
+                                     "teacher_forced_hits_per_prompt": per_prompt,
                                      **({} if args.no_free else {"free_running_match": free / total})}
         if hasattr(rt, "placement"):
             row["placement"], row["compiled_from"] = rt.placement, rt.compiled_from

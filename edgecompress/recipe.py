@@ -432,7 +432,8 @@ class MixedPrecisionStep(StepConfig):
                                      "stored byte counted (codes, padding, scales, zero points).")
     candidates: tuple[Candidate, ...] = Field(
         (Candidate(bits=4, group_size=64), Candidate(bits=8, group_size=64)), min_length=1,
-        description="Formats to choose from, cheapest first; the first is the default for every layer.")
+        description="Formats to choose from, in rising precision; each layer starts at the one storing the "
+                    "fewest bits for its shape (block padding counted) and is upgraded by sensitivity.")
     symmetric: StrictBool = Field(True, description="Symmetric quantization (no zero point).")
     scale_dtype: ScaleDtype = Field("float16", description="Storage dtype of the scales.")
     samples: StrictInt = Field(4, ge=1, description="Calibration windows used to measure sensitivity.")

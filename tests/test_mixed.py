@@ -64,3 +64,18 @@ def test_plan_meets_budget(tiny_llama):
     assert report["bits_per_weight"] <= 6.0
     assert {s.bits for s in plan.values()} == {4, 8}
     assert set(plan) == {m for u in find_units(tiny_llama) for m in u.modules}
+
+
+
+def test_assign_starts_each_unit_at_its_own_cheapest_candidate():
+    # candidates in rising precision (int4 b128, int4 b64, int8 b64); for "pad" the 128-blocks are padded,
+    # so b128 is both dearer and coarser than b64: it starts at b64 and never "upgrades" to b128
+    units = [Unit("even", ["even"], 100), Unit("pad", ["pad"], 100)]
+    cost = {"even": [412, 425, 825], "pad": [458, 425, 825]}
+    sens = {"even": 0.1, "pad": 0.2}
+    choice, bpw = assign(units, sens, cost, budget_bits=4.185)  # the start: 837 bits
+    assert choice == {"even": 0, "pad": 1} and bpw == pytest.approx(4.185)
+    choice, bpw = assign(units, sens, cost, budget_bits=4.25)  # room for "even" -> b64, not "pad" -> b128
+    assert choice == {"even": 1, "pad": 1} and bpw == pytest.approx(4.25)
+    choice, bpw = assign(units, sens, cost, budget_bits=6.2)  # one int8 upgrade: the more sensitive unit
+    assert choice == {"even": 0, "pad": 2} and bpw == pytest.approx((412 + 825) / 200)
