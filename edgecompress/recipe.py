@@ -436,7 +436,8 @@ class MixedPrecisionStep(StepConfig):
                     "fewest bits for its shape (block padding counted) and is upgraded by sensitivity.")
     symmetric: StrictBool = Field(True, description="Symmetric quantization (no zero point).")
     scale_dtype: ScaleDtype = Field("float16", description="Storage dtype of the scales.")
-    samples: StrictInt = Field(4, ge=1, description="Calibration windows used to measure sensitivity.")
+    samples: StrictInt = Field(4, ge=1, description="Calibration windows used to measure sensitivity "
+                              "(one forward pass each per kernel: 121 kernels on SmolLM2-135M).")
     embeddings: StrictBool = Field(True, description="Include the token embedding (and its tied head).")
     damp: StrictFloat = Field(0.01, gt=0, le=1, description="gptq: Hessian damping.")
     act_order: StrictBool = Field(False, description="gptq: activation-order column processing.")
