@@ -66,7 +66,6 @@ def test_plan_meets_budget(tiny_llama):
     assert set(plan) == {m for u in find_units(tiny_llama) for m in u.modules}
 
 
-
 def test_assign_starts_each_unit_at_its_own_cheapest_candidate():
     # candidates in rising precision (int4 b128, int4 b64, int8 b64); for "pad" the 128-blocks are padded,
     # so b128 is both dearer and coarser than b64: it starts at b64 and never "upgrades" to b128

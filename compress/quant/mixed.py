@@ -4,11 +4,10 @@ A *unit* is what one exported kernel holds: the fused q/k/v projection, o_proj, 
 gate/up projection, down_proj of each decoder layer, and the LM head with the embedding it is
 tied to. Each unit's sensitivity is the KL divergence of the model's next-token distribution
 on calibration text when only that unit is quantized to its cheapest candidate format (fewest
-stored bits for that unit's shape: with padding, blocks of 128 cost more than blocks of 64
-when there are 576 inputs). Units
-are then upgraded to richer formats, most sensitive per extra stored bit first, while the
-whole model stays within the budget (bits counted exactly as the artifact stores them:
-codes with block padding, fp16 scales, zero points; a tied tensor once).
+stored bits for that unit's shape: with padding, blocks of 128 cost more than blocks of 64 when
+there are 576 inputs). Units are then upgraded to richer formats, most sensitive per extra stored
+bit first, while the whole model stays within the budget (bits counted exactly as the artifact
+stores them: codes with block padding, fp16 scales, zero points; a tied tensor once).
 """
 
 from __future__ import annotations
@@ -102,6 +101,10 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, units: list[Uni
     return out
 
 
+def _cheapest(costs: list[int]) -> int:
+    return min(range(len(costs)), key=costs.__getitem__)
+
+
 def assign(units: list[Unit], sensitivity: dict[str, float], cost: dict[str, list[int]],
            budget_bits: float) -> tuple[dict[str, int], float]:
     """Candidate index per unit within ``budget_bits`` per weight; greedy by sensitivity per extra bit.
@@ -112,7 +115,7 @@ def assign(units: list[Unit], sensitivity: dict[str, float], cost: dict[str, lis
     remove it, the most sensitive units per extra bit first, the most precise affordable one each.
     """
     params = sum(u.params for u in units)
-    choice = {u.name: min(range(len(cost[u.name])), key=cost[u.name].__getitem__) for u in units}
+    choice = {u.name: _cheapest(cost[u.name]) for u in units}
     spent = sum(cost[u.name][choice[u.name]] for u in units)
     if spent / params > budget_bits + 1e-9:
         raise EdgeCompressError(
@@ -126,7 +129,7 @@ def assign(units: list[Unit], sensitivity: dict[str, float], cost: dict[str, lis
         base = cost[u.name][choice[u.name]]
         for c in range(len(cost[u.name]) - 1, choice[u.name], -1):  # most precise affordable upgrade
             extra = cost[u.name][c] - base
-            if extra > 0 and (spent + extra) / params <= budget_bits + 1e-9:
+            if (spent + extra) / params <= budget_bits + 1e-9:
                 spent += extra
                 choice[u.name] = c
                 break
@@ -141,7 +144,7 @@ def plan_mixed_precision(model: nn.Module, windows: torch.Tensor, candidates: li
     units = [u for u in find_units(model)
              if embeddings or not any(isinstance(model.get_submodule(m), nn.Embedding) for m in u.modules)]
     cost = {u.name: [unit_bits(model, u, s) for s in candidates] for u in units}
-    cheapest = {u.name: candidates[min(range(len(candidates)), key=cost[u.name].__getitem__)] for u in units}
+    cheapest = {u.name: candidates[_cheapest(cost[u.name])] for u in units}
     probe = copy.deepcopy(model)
     sens = measure_sensitivity(probe, windows, units, cheapest, progress=progress)
     del probe
