@@ -19,10 +19,9 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
 from edgecompress.data import load_prompt_pairs
 from edgecompress.models import load_model
+from edgecompress.steer_eval import torch_generate_fn
 
 OUT = Path(__file__).resolve().parents[1] / "edgecompress" / "prompts" / "concise-answers.jsonl"
 SUFFIX = " Answer in one short sentence"
@@ -42,13 +41,11 @@ def main() -> None:
     pos, _ = load_prompt_pairs("builtin:concise-pairs")
     questions = [p.split(SUFFIX)[0] for p in pos]
     rng = random.Random(args.seed)
+    gen = torch_generate_fn(model)
     lines = []
     for q in questions:
         ids = list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True))
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=eos)[0, len(ids):].tolist()
+        out = gen(ids, args.max_new_tokens, eos)
         if eos not in out:
             print(f"skipped (no end within {args.max_new_tokens} tokens): {q}")
             continue

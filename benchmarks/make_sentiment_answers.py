@@ -20,10 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from edgecompress.data import load_prompt_pairs
 from edgecompress.models import load_model
+from edgecompress.steer_eval import torch_generate_fn
 
 OUT = Path(__file__).resolve().parents[1] / "edgecompress" / "prompts" / "sentiment-answers.jsonl"
 
@@ -40,12 +39,11 @@ def main() -> None:
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     pos, neg = load_prompt_pairs("builtin:sentiment-pairs")
 
+    gen = torch_generate_fn(model)
+
     def answer(instruction: str) -> list[int]:
         ids = list(tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True))
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=eos)[0, len(ids):].tolist()
+        out = gen(ids, args.max_new_tokens, eos)
         return out[: out.index(eos)] if eos in out else out
 
     lines = []
