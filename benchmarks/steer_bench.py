@@ -3,11 +3,14 @@ strength sweep (effect vs side effect across strengths, PNG).
 
 1. runs the shipped recipe ``recipes/smollm2-135m-steer-<task>.yaml`` (steer -> fp32 ONNX ``steered``
    + the unsteered ``fp32`` reference) and, with ``--w4``, its W4 twin ``...-<task>-w4.yaml`` (steer ->
-   int4 quantize -> ``int4``), through the whole pipeline;
+   int4 quantize -> ``int4``) and, as its control, the twin without its steer step (``int4_unsteered``:
+   quantization alone changes answers too), through the whole pipeline;
 2. greedy answers (chat template) to the held-out prompts of the step's ``eval_prompts`` from each
    artifact on ORT CPU: the unsteered reference once, then each steered artifact; effect =
    ``length_reduction`` / ``sentiment_shift`` (``edgecompress.steer_eval``), side effect = perplexity
-   ratio and KL on neutral held-out text (``pydoc:eval``) against the unsteered torch model;
+   ratio and KL on neutral held-out text (``pydoc:eval``) against the unsteered torch model. W4 retention:
+   ``w4_effect_retained`` (int4 vs the unsteered fp32 model, over the fp32 effect) and
+   ``w4_effect_retained_vs_unsteered_w4`` (int4 vs ``int4_unsteered``: the steering alone);
 3. baked vs hooked: the steered ONNX artifact's logits against the unsteered torch model with the
    manifest's vectors added by forward hooks (max |difference|);
 4. sweep: the same direction at several strengths through hooks (torch), effect and side effect
@@ -104,6 +107,17 @@ def main() -> None:
         for spec in recipe.export:
             arts[spec.name] = Artifact.load(args.out / name / spec.name)
         log.info("%s done in %.0fs", name, time.perf_counter() - t)
+    if args.w4:  # control: the W4 twin's quantization without its steer step (quantization alone moves lengths too)
+        twin = load_recipe(RECIPES / f"{names[-1]}.yaml")
+        control = twin.model_copy(update={"name": f"{twin.name}-unsteered",
+                                          "steps": tuple(s for s in twin.steps if s.step_type != "steer")})
+        t = time.perf_counter()
+        if args.reuse and (args.out / control.name / "report.json").is_file():
+            log.info("reusing %s", args.out / control.name)
+        else:
+            run(control, args.out)
+        res.setdefault("pipeline_s", {})[control.name] = round(time.perf_counter() - t, 1)
+        arts["int4_unsteered"] = Artifact.load(args.out / control.name / "int4")
     steered = arts["steered"]
     step = next(s for s in steered.manifest["steps"] if s["step"] == "steer")
     res["checks"] = {n: json.loads((args.out / n / "report.json").read_text()).get("check") for n in names}
@@ -119,15 +133,18 @@ def main() -> None:
     ref_answers = answers(runtime_generate_fn(open_runtime("ort-cpu", arts["fp32"], threads=1)), tok, prompts,
                           args.max_new_tokens)
     res["reference_answers"] = ref_answers
-    for name in ("steered", "int4"):
+    for name in ("steered", "int4", "int4_unsteered"):
         if name not in arts:
             continue
         rt = open_runtime("ort-cpu", arts[name], threads=1)
         got = answers(runtime_generate_fn(rt), tok, prompts, args.max_new_tokens)
         res[name] = {**effect(got, ref_answers, judge), **side_effect(rt.logits, reference, windows), "answers": got}
         log.info("%s: %s", name, {k: v for k, v in res[name].items() if k != "answers"})
-    if "int4" in res:
+    if "int4" in res:  # against the unsteered fp32 model, and against the unsteered W4 model (steering alone)
         res["w4_effect_retained"] = headline(res["int4"], args.task) / headline(res["steered"], args.task)
+        res["int4_vs_int4_unsteered"] = effect(res["int4"]["answers"], res["int4_unsteered"]["answers"], judge)
+        res["w4_effect_retained_vs_unsteered_w4"] = (headline(res["int4_vs_int4_unsteered"], args.task)
+                                                     / headline(res["steered"], args.task))
 
     # baked (ONNX on ORT) vs hooked (torch + forward hooks)
     vecs = vectors(steered.manifest)
