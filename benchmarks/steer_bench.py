@@ -94,29 +94,27 @@ def main() -> None:
     res: dict = {"task": args.task, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens}
     t0 = time.perf_counter()
 
+    def build(recipe) -> None:  # run the pipeline (or, with --reuse, take its finished run folder)
+        t = time.perf_counter()
+        if args.reuse and (args.out / recipe.name / "report.json").is_file():
+            log.info("reusing %s", args.out / recipe.name)
+        else:
+            run(recipe, args.out)
+        res.setdefault("pipeline_s", {})[recipe.name] = round(time.perf_counter() - t, 1)
+
     names = [f"smollm2-135m-steer-{args.task}"] + ([f"smollm2-135m-steer-{args.task}-w4"] if args.w4 else [])
     arts: dict[str, Artifact] = {}
     for name in names:
         recipe = load_recipe(RECIPES / f"{name}.yaml")
         t = time.perf_counter()
-        if args.reuse and (args.out / name / "report.json").is_file():
-            log.info("reusing %s", args.out / name)
-        else:
-            run(recipe, args.out)
-        res.setdefault("pipeline_s", {})[name] = round(time.perf_counter() - t, 1)
+        build(recipe)
         for spec in recipe.export:
             arts[spec.name] = Artifact.load(args.out / name / spec.name)
         log.info("%s done in %.0fs", name, time.perf_counter() - t)
     if args.w4:  # control: the W4 twin's quantization without its steer step (quantization alone moves lengths too)
-        twin = load_recipe(RECIPES / f"{names[-1]}.yaml")
-        control = twin.model_copy(update={"name": f"{twin.name}-unsteered",
-                                          "steps": tuple(s for s in twin.steps if s.step_type != "steer")})
-        t = time.perf_counter()
-        if args.reuse and (args.out / control.name / "report.json").is_file():
-            log.info("reusing %s", args.out / control.name)
-        else:
-            run(control, args.out)
-        res.setdefault("pipeline_s", {})[control.name] = round(time.perf_counter() - t, 1)
+        control = recipe.model_copy(update={"name": f"{recipe.name}-unsteered",  # recipe: the loop's last, the twin
+                                            "steps": tuple(s for s in recipe.steps if s.step_type != "steer")})
+        build(control)
         arts["int4_unsteered"] = Artifact.load(args.out / control.name / "int4")
     steered = arts["steered"]
     step = next(s for s in steered.manifest["steps"] if s["step"] == "steer")
