@@ -123,13 +123,12 @@ def round_linears(model: nn.Module, windows: np.ndarray, *, damp: float = 0.01) 
     from edgecompress.compress.quant.sequential import stat_source
 
     linears = _linears(model)
-    for name, module, _ in linears:  # before the calibration pass
-        _plain_linear(module, name)
+    # a plain float Linear each, or the error that says why not: before the calibration pass
+    weights = {name: _plain_linear(module, name) for name, module, _ in linears}
     store = calibrate(model, torch.from_numpy(np.asarray(windows, np.int64)),
                       [StatRequest(r"(\.(q_proj|o_proj|gate_proj|down_proj)|^lm_head)$", "hessian")])
     rounded, errors = {}, []
-    for name, module, _ in linears:
-        W = _plain_linear(module, name)  # a plain float Linear, or the error that says why not
+    for name, W in weights.items():
         H = store.get(stat_source(name) if name != "lm_head" else name, "hessian")["hessian"].double()
         s = channel_scales(W)
         Wq = gptq_fixed_scale(W, H[None].float(), s, damp)

@@ -349,10 +349,11 @@ def test_bundled_eval_prompts_are_disjoint_from_the_direction_prompts():
     joyful, gloomy = load_prompt_pairs("builtin:sentiment-answers")  # (neutral prompt, answer) pairs
     assert len(joyful) >= 16 and all(isinstance(p, tuple) for p in joyful + gloomy)
     topics = [p.split(". Be ")[0] + "." for p in load_prompt_pairs("builtin:sentiment-pairs")[0]]
+    held_out = load_prompts("builtin:sentiment-eval")
     for (q, good), (q2, bad) in zip(joyful, gloomy):
         assert q == q2 and q in topics and good and bad and good != bad  # two answers to one neutral prompt
         assert "Be joyful" not in q and "Be gloomy" not in q
-        assert not any(e.rstrip("?.") in q for e in load_prompts("builtin:sentiment-eval")), q
+        assert not any(e.rstrip("?.") in q for e in held_out), q
 
 
 def test_prompt_files_errors(tmp_path):
