@@ -334,6 +334,14 @@ class QuantizeStep(StepConfig):
         False, description="gptq: after rounding, refit each row's group scales by least squares on the "
         "layer's calibration Hessian (same storage; lowers the layer's output error)."
     )
+    int8_rows: StrictInt = Field(
+        0, ge=0, description="gptq: rows of the LM head (and of the token embedding tied to it) kept at int8 in "
+        "the same blocks: the tokens the calibration windows use most; the other rows take bits. Exports as "
+        "two tables plus each row's position (2 bytes per vocabulary entry), all counted in bits per weight.")
+    float_targets: StrictFloat = Field(
+        0.0, ge=0, le=1, description="gptq: how far (0 = off, 1 = fully) to fit each layer to the float model's "
+        "outputs rather than to its own outputs on the drifted inputs the quantized earlier layers feed it "
+        "(GPTAQ's asymmetric calibration; the float blocks run alongside). 0.25 on SmolLM2; 1 overshoots.")
     activations: ActivationSpec | None = Field(
         None, description="Static activation quantization (W8A8; needs bits: 8, group_size: null); "
         "null = weight-only.")
@@ -367,6 +375,19 @@ class QuantizeStep(StepConfig):
             raise _located_error(("refit_scales",), True, "refit_needs_gptq",
                                  "refit_scales refits the scales of GPTQ's codes on the calibration Hessian; "
                                  "method {method} has none: set method: gptq or drop refit_scales",
+                                 {"method": self.method})
+        if self.int8_rows and self.method != "gptq":
+            raise _located_error(("int8_rows",), self.int8_rows, "int8_rows_needs_gptq",
+                                 "int8_rows is chosen and quantized with GPTQ's LM-head pass; method {method} has "
+                                 "none: set method: gptq or drop int8_rows", {"method": self.method})
+        if self.int8_rows and self.bits != 4:
+            raise _located_error(("int8_rows",), self.int8_rows, "int8_rows_needs_int4",
+                                 "int8_rows keeps some rows of an int4 head at int8; with bits {bits} there is "
+                                 "nothing finer to keep them at: use bits: 4 or drop int8_rows", {"bits": self.bits})
+        if self.float_targets and self.method != "gptq":
+            raise _located_error(("float_targets",), True, "float_targets_needs_gptq",
+                                 "float_targets changes the weights GPTQ rounds (sequentially, block by block); "
+                                 "method {method} rounds each weight alone: set method: gptq or drop float_targets",
                                  {"method": self.method})
         return self
 
@@ -442,6 +463,8 @@ class MixedPrecisionStep(StepConfig):
     damp: StrictFloat = Field(0.01, gt=0, le=1, description="gptq: Hessian damping.")
     act_order: StrictBool = Field(False, description="gptq: activation-order column processing.")
     refit_scales: StrictBool = Field(False, description="gptq: least-squares refit of the group scales after rounding.")
+    float_targets: StrictFloat = Field(0.0, ge=0, le=1, description="gptq: how far to fit each layer to the "
+                                       "float model's outputs (GPTAQ; see the quantize step).")
 
 
 _PROMPTS_RE = re.compile(r"builtin:[a-z0-9][a-z0-9_-]*")

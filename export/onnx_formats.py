@@ -26,12 +26,12 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from edgecompress.compress.quant.activation import ActQuant
-from edgecompress.compress.quant.formats import BlockQuantizedTensor
+from edgecompress.compress.quant.formats import BlockQuantizedTensor, SplitRowsTensor
 from edgecompress.compress.quant.fp4 import E2M1_VALUES, FP4Tensor
 from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
 
 from . import onnx_custom as custom
-from .graph import FLOAT, MS_DOMAIN, GraphBuilder
+from .graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
 
 @dataclass
@@ -131,6 +131,9 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
         return extra
     if isinstance(mod, QuantLinear) and isinstance(mod.packed, FP4Tensor):
         y, fmt = _emit_fp4_custom(g, x, mod.packed, base, opts)
+        bias = mod.bias
+    elif isinstance(mod, QuantLinear) and isinstance(mod.packed, SplitRowsTensor):
+        y, fmt = _emit_split_linear(g, x, mod.packed, base, opts, cache)
         bias = mod.bias
     elif isinstance(mod, QuantLinear):
         p = mod.packed
@@ -337,6 +340,8 @@ def _emit_fp4_custom(g: GraphBuilder, x: str, p: FP4Tensor, base: str,
 def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: EmitOptions,
                    cache: WeightCache) -> tuple[str, LayerFormat]:
     """Emit the token embedding lookup ``[B, S] -> [B, S, H]``."""
+    if isinstance(mod, QuantEmbedding) and isinstance(mod.packed, SplitRowsTensor):
+        return _emit_split_embedding(g, ids, mod.packed, base, opts, cache)
     if isinstance(mod, QuantEmbedding):
         p = mod.packed
         v, h = p.shape
@@ -379,6 +384,64 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
         return out, LayerFormat(base, "fp32", "Gather", 32.0, mod.weight.numel(), mod.weight.numel() * 4,
                                 shape=tuple(mod.weight.shape), initializers={"weight": w})
     raise NotImplementedError(f"{base}: no ONNX emitter for {type(mod).__name__}")
+
+
+def _split_positions(g: GraphBuilder, p: SplitRowsTensor, base: str,
+                     cache: WeightCache) -> tuple[dict[str, str], int]:
+    """``{"row_position": stored, "position": int64 [V]}``: each row's place in ``[int8 rows; other
+    rows]``, stored as uint16 while V <= 65536 (int32 beyond) and cast at load; shared by a tied
+    embedding and head. Also returns the bytes stored by this call."""
+    names = cache.get(p)
+    if names is not None:
+        return names, 0
+    pos = _np(p.position())
+    stored = pos.astype(np.uint16) if p.shape[0] <= 1 << 16 else pos.astype(np.int32)
+    q = g.initializer(f"{base}.row_position", stored)
+    names = {"row_position": q, "position": g.op("Cast", q, name=f"{base}/row_position_int64", to=INT64)}
+    cache.put(p, names, base)
+    return names, stored.nbytes
+
+
+def _split_format(base: str, p: SplitRowsTensor, op: str, hi: LayerFormat, lo: LayerFormat, pos_bytes: int,
+                  shared: list[str], position: dict[str, str]) -> LayerFormat:
+    v, h = p.shape
+    nbytes = hi.stored_bytes + lo.stored_bytes + pos_bytes
+    inits = {f"hi.{k}": n for k, n in hi.initializers.items()} | {f"lo.{k}": n for k, n in lo.initializers.items()}
+    return LayerFormat(base, f"{hi.format}-rows{p.rows.numel()}+{lo.format}", f"SplitRows:{op}", 8 * nbytes / (v * h),
+                       v * h, nbytes, shared, (v, h), p.lo.block_size,
+                       inits | {"row_position": position["row_position"]})
+
+
+def _emit_split_embedding(g: GraphBuilder, ids: str, p: SplitRowsTensor, base: str, opts: EmitOptions,
+                          cache: WeightCache) -> tuple[str, LayerFormat]:
+    """Rows from two ``GatherBlockQuantized`` tables: ``position[id]`` < n picks the int8 table at that
+    row, else the other table at ``position[id] - n``; ``Where`` selects per token."""
+    position, pos_bytes = _split_positions(g, p, base, cache)
+    n = p.rows.numel()
+    where = g.op("Gather", position["position"], ids, name=f"{base}/row_position", axis=0)
+    is_hi = g.op("Less", where, g.const("n_int8_rows", np.array([n], np.int64)), name=f"{base}/is_int8_row")
+    i_hi = g.op("Min", where, g.const("last_int8_row", np.array([n - 1], np.int64)), name=f"{base}/int8_row")
+    i_lo = g.op("Max", g.op("Sub", where, g.const("n_int8_rows", np.array([n], np.int64)), name=f"{base}/sub_rows"),
+                g.const("zero_row", np.array([0], np.int64)), name=f"{base}/other_row")
+    e_hi, f_hi = emit_embedding(g, i_hi, QuantEmbedding(p.hi), f"{base}.int8_rows", opts, cache)
+    e_lo, f_lo = emit_embedding(g, i_lo, QuantEmbedding(p.lo), f"{base}.other_rows", opts, cache)
+    cond = g.op("Unsqueeze", is_hi, g.const("axes_last", np.array([-1], np.int64)), name=f"{base}/is_int8_row_3d")
+    out = g.op("Where", cond, e_hi, e_lo, name=f"{base}/select_rows")
+    return out, _split_format(base, p, "GatherBlockQuantized", f_hi, f_lo, pos_bytes, [], position)
+
+
+def _emit_split_linear(g: GraphBuilder, x: str, p: SplitRowsTensor, base: str, opts: EmitOptions,
+                       cache: WeightCache) -> tuple[str, LayerFormat]:
+    """Two ``MatMulNBits`` (int8 rows, other rows), concatenated and put back in row order by one
+    ``Gather`` over the last axis (the rows and positions a tied embedding stored, reused)."""
+    owner = cache.owner.get(id(p))
+    position, pos_bytes = _split_positions(g, p, base, cache)
+    y_hi, f_hi = emit_linear(g, x, QuantLinear(p.hi), f"{base}.int8_rows", opts, cache)
+    y_lo, f_lo = emit_linear(g, x, QuantLinear(p.lo), f"{base}.other_rows", opts, cache)
+    y = g.op("Concat", y_hi, y_lo, name=f"{base}/concat_rows", axis=-1)
+    y = g.op("Gather", y, position["position"], name=f"{base}/row_order", axis=-1)
+    shared = [owner] if owner is not None and owner != base else []
+    return y, _split_format(base, p, f_hi.onnx_op, f_hi, f_lo, pos_bytes, shared, position)
 
 
 def _emit_int8_row_embedding(g: GraphBuilder, ids: str, p: BlockQuantizedTensor, base: str,

@@ -62,6 +62,15 @@ def decode_layer(layer: dict, get: _Initializers) -> torch.Tensor:
         a_t = np.asarray(get(inits["lowrank_a"]), dtype=np.float32)  # [K, r]
         b_t = np.asarray(get(inits["lowrank_b"]), dtype=np.float32)  # [r, N]
         return decode_layer(base, get) + torch.from_numpy((a_t @ b_t).T.copy())
+    if op.startswith("SplitRows:"):  # int8 rows + other rows, each in its own table, and each row's place
+        sub = op.split(":", 1)[1]
+        parts = []
+        for side in ("hi", "lo"):
+            sub_inits = {k_[3:]: v for k_, v in inits.items() if k_.startswith(f"{side}.")}
+            rows = get(sub_inits["B"]).shape[0]
+            parts.append(decode_layer({**layer, "onnx_op": sub, "shape": (rows, k), "initializers": sub_inits}, get))
+        position = torch.from_numpy(get(inits["row_position"]).astype(np.int64))
+        return torch.cat(parts)[position]
     if op in ("MatMulNBits", "GatherBlockQuantized"):
         b = get(inits["B"])
         scales = np.array(get(inits["scales"]), dtype=np.float32).reshape(n, -1)  # a writable copy

@@ -327,6 +327,41 @@ def test_sequential_later_blocks_see_modified_earlier_blocks() -> None:
     assert rel(original.entries[q1]["hessian"], oracle.entries[q1]["hessian"]) > 1e-3  # the change is visible
 
 
+def _captured_inputs(model: nn.Module, name: str, ids: torch.Tensor) -> np.ndarray:
+    rows = []
+    handle = dict(model.named_modules())[name].register_forward_hook(
+        lambda _m, args, _out: rows.append(args[0].detach().reshape(-1, args[0].shape[-1]).double().numpy()))
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None])
+    handle.remove()
+    return np.concatenate(rows)
+
+
+def test_float_stream_cross_moment_matches_two_captured_models() -> None:
+    """``cross`` of a block-1 module = mean over tokens of f x^T, f from the untouched model and x
+    from the one whose block 0 on_block changed; for block 0 both streams agree (cross = hessian)."""
+    ids = token_ids()
+    reqs = [StatRequest(LINEARS, "hessian")]
+
+    def scale_o_proj(i: int, block: nn.Module, store: StatsStore) -> None:
+        if i == 0:
+            block.self_attn.o_proj.weight.data.mul_(0.5)
+
+    model = tiny_llama()
+    seq = sequential_calibrate(model, ids, model.model.layers, reqs, scale_o_proj, float_stream=True)
+    assert hook_count(model) == 0
+    q0, d1 = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    assert rel(seq.get(q0, "cross")["cross"], seq.get(q0, "hessian")["hessian"]) < 1e-6
+    f = _captured_inputs(tiny_llama(), d1, ids)
+    x = _captured_inputs(model, d1, ids)
+    oracle = f.T @ x / len(x)
+    assert seq.count(d1, "cross") == len(x)
+    assert rel(seq.get(d1, "cross")["cross"], torch.from_numpy(oracle)) < 1e-5
+    assert rel(seq.get(d1, "hessian")["hessian"], torch.from_numpy(x.T @ x / len(x))) < 1e-5
+    assert rel(torch.from_numpy(f), torch.from_numpy(x)) > 1e-2  # the streams really differ there
+
+
 def test_sequential_rejects_modules_outside_blocks() -> None:
     model = tiny_llama()
     with pytest.raises(EdgeCompressError, match="lm_head"):

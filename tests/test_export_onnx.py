@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgecompress.compress.quant.formats import QuantScheme, quantize_blockwise
+from edgecompress.compress.quant.formats import QuantScheme, quantize_blockwise, split_rows
 from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
 from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
 from edgecompress.export.graph import FLOAT, INT64, GraphBuilder
@@ -99,11 +99,27 @@ def _run(sess, ids, past=None, n_layers=2, kv=2, hd=16):
     return out[0], out[1:]
 
 
-@pytest.mark.parametrize("quant", [None, (4, 32, True), (4, 32, False), (8, 0, True), (8, 16, False)])
+SPLIT_ROWS = (3, 17, 18, 100, 259)  # int8 rows of the split tied embedding/head, the last row included
+
+
+def _split_tied_rows(model: nn.Module, sym: bool = True) -> None:
+    """int4 decoder; the tied embedding/head int8 at SPLIT_ROWS, int4 elsewhere (one SplitRowsTensor)."""
+    apply_rtn(model, RTNConfig(bits=4, group_size=32, symmetric=sym, embeddings=False))
+    w = model.model.embed_tokens.weight.data
+    p = split_rows(w, torch.tensor(SPLIT_ROWS),
+                   lambda rows, hi: quantize_blockwise(rows, QuantScheme(8 if hi else 4, 32, sym)))
+    model.model.embed_tokens = QuantEmbedding(p)
+    model.lm_head = QuantLinear(p)
+
+
+@pytest.mark.parametrize("quant", [None, (4, 32, True), (4, 32, False), (8, 0, True), (8, 16, False), "split",
+                                   "split-asym"])
 @pytest.mark.parametrize("fuse", [True, False])
 def test_decoder_matches_torch_and_kv_cache_matches_full_forward(tiny_llama, quant, fuse):
     model = copy.deepcopy(tiny_llama)
-    if quant:
+    if isinstance(quant, str):
+        _split_tied_rows(model, sym=quant == "split")
+    elif quant:
         bits, block, sym = quant
         apply_rtn(model, RTNConfig(bits=bits, group_size=block, symmetric=sym))
     proto, formats = build_llama_decoder(model, opts=EmitOptions(accuracy_level=0), fuse=fuse)
@@ -123,7 +139,7 @@ def test_decoder_matches_torch_and_kv_cache_matches_full_forward(tiny_llama, qua
     np.testing.assert_allclose(np.concatenate(steps), full[0], atol=1e-5)
     ops = {n.op_type for n in proto.graph.node}
     assert "GroupQueryAttention" in ops
-    if quant and quant[0] == 4:
+    if quant and quant[0] in (4, "s"):
         assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
         assert "MatMul" not in ops  # no fp32 weight matmul is left
     n_proj = len([f for f in formats if f.module != "model.embed_tokens"])
@@ -152,7 +168,8 @@ def test_unsupported_architecture_is_refused():
         build_llama_decoder(model)
 
 
-@pytest.mark.parametrize("quant", [(4, 32, True), (4, 32, False), (8, 16, False), (8, 0, True), (8, 0, False), (3, 16, True)])
+@pytest.mark.parametrize("quant", [(4, 32, True), (4, 32, False), (8, 16, False), (8, 0, True), (8, 0, False), (3, 16, True),
+                                   "split"])
 def test_torch_runtime_decodes_every_format_back_to_the_model_weights(tmp_path, quant):
     """The torch runtime reads the artifact's packed initializers back into exactly the quantized weights."""
     from edgecompress.artifact import Artifact, write_manifest
@@ -161,9 +178,17 @@ def test_torch_runtime_decodes_every_format_back_to_the_model_weights(tmp_path, 
     from edgecompress.runtimes.torch_ref import load_torch_model
 
     lm = load_model("tiny-llama")
-    bits, block, sym = quant
-    apply_rtn(lm.model, RTNConfig(bits=bits, group_size=block, symmetric=sym, embeddings=bits != 3))
+    if quant == "split":
+        _split_tied_rows(lm.model)
+    else:
+        bits, block, sym = quant
+        apply_rtn(lm.model, RTNConfig(bits=bits, group_size=block, symmetric=sym, embeddings=bits != 3))
     body = export_causal_lm(lm.model, tmp_path, accuracy_level=0)
+    if quant == "split":  # one copy of each table and of the positions, every stored byte counted
+        v, h = lm.model.model.embed_tokens.packed.shape
+        emb = next(f for f in body["layers"] if f["module"] == "model.embed_tokens")
+        assert emb["stored_bytes"] == lm.model.model.embed_tokens.packed.storage_bits() // 8
+        assert next(f for f in body["layers"] if f["module"] == "lm_head")["stored_bytes"] == 0
     lm.save_hf_files(tmp_path)
     write_manifest(tmp_path, {"task": "causal-lm", **body})
     decoded = load_torch_model(Artifact.load(tmp_path))

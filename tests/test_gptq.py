@@ -10,7 +10,7 @@ import torch
 from edgecompress.compress.calibration.observers import HessianObserver
 from edgecompress.compress.quant.formats import (QuantScheme, block_scales, decode, encode, quantize_blockwise,
                                                  to_blocks)
-from edgecompress.compress.quant.gptq import GPTQConfig, gptq_quantize, layer_error
+from edgecompress.compress.quant.gptq import GPTQConfig, float_target_weight, gptq_quantize, layer_error
 
 # (N, K, group, symmetric, bits): partial last group, many groups, per-channel
 CASES = [
@@ -192,3 +192,26 @@ def test_gptq_refit_scales_lowers_layer_error(n, k, group, sym, bits, act_order)
     e_plain, e_refit = layer_error(w, plain.to_float(), h), layer_error(w, refit.to_float(), h)
     assert e_refit < 0.97 * e_plain, (e_plain, e_refit)
     assert diag["refit_error_after"] == pytest.approx(e_refit, rel=1e-3)
+
+
+def test_float_target_weight_is_the_least_squares_fit_of_the_float_outputs():
+    """V = argmin_V sum_t ||W f_t - V x_t||^2 (NumPy lstsq) as the ridge vanishes; V = W when f = x;
+    and the GPTAQ objective equals const + tr((Q - V) H (Q - V)^T) for any Q."""
+    g = torch.Generator().manual_seed(3)
+    n, k, t = 12, 24, 400
+    W = torch.randn(n, k, generator=g)
+    f = activations(t, k, seed=4)
+    x = f + 0.3 * torch.randn(t, k, generator=g)  # the drifted inputs
+    H, C = (x.double().T @ x.double() / t), (f.double().T @ x.double() / t)
+    V = float_target_weight(W, H, C, damp=1e-9)
+    sol, *_ = np.linalg.lstsq(x.double().numpy(), (f.double() @ W.double().T).numpy(), rcond=None)
+    np.testing.assert_allclose(V.double().numpy(), sol.T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(float_target_weight(W, H, H, damp=0.01), W, rtol=1e-5, atol=1e-5)
+
+    def objective(Q):
+        return float(((f.double() @ W.double().T - x.double() @ Q.double().T) ** 2).sum() / t)
+
+    Qa, Qb = W + 0.1 * torch.randn(n, k, generator=g), W - 0.2 * torch.randn(n, k, generator=g)
+    Vd = float_target_weight(W, H, C, damp=1e-9)
+    gap = [objective(Q) - layer_error(Vd, Q, H) * n for Q in (Qa, Qb)]
+    assert gap[0] == pytest.approx(gap[1], rel=1e-4)  # the same constant: minimising one minimises the other

@@ -206,3 +206,21 @@ def test_fp4_custom_op_function_body_equals_torch():
     sess = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
     a = torch.randn(3, 80)
     np.testing.assert_allclose(sess.run(None, {"x": a.numpy()})[0], lin(a).detach().numpy(), atol=1e-4)
+
+
+def test_split_rows_tensor_assembles_rows_in_place_and_counts_every_bit():
+    from edgecompress.compress.quant.formats import SplitRowsTensor, split_rows
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(50, 40, generator=g)
+    s4, s8 = QuantScheme(4, 16, True), QuantScheme(8, 16, True)
+    p = split_rows(w, torch.tensor([31, 2, 2, 49]), lambda rows, hi: quantize_blockwise(rows, s8 if hi else s4))
+    assert p.rows.tolist() == [2, 31, 49] and p.shape == (50, 40)
+    dense = p.to_float()
+    rest = [v for v in range(50) if v not in (2, 31, 49)]
+    torch.testing.assert_close(dense[[2, 31, 49]], quantize_blockwise(w[[2, 31, 49]], s8).to_float())
+    torch.testing.assert_close(dense[rest], quantize_blockwise(w[rest], s4).to_float())
+    assert p.position()[[2, 31, 49]].tolist() == [0, 1, 2] and p.position()[rest].tolist() == list(range(3, 50))
+    assert p.storage_bits() == p.hi.storage_bits() + p.lo.storage_bits() + 50 * 16
+    with pytest.raises(ValueError, match="ascending"):
+        SplitRowsTensor(torch.tensor([3, 1]), quantize_blockwise(w[:2], s8), p.lo)

@@ -187,7 +187,7 @@ def test_unknown_key_names_line_path_valid_keys_and_suggestion():
         export:
           - format: onnx
     """, "recipes/x.yaml")
-    assert "recipes/x.yaml line 6: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, dtype, embeddings, group_size, " in msg
+    assert "recipes/x.yaml line 6: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, dtype, embeddings, float_targets, group_size, " in msg
     assert "did you mean 'bits'?" in msg
 
 
@@ -221,6 +221,18 @@ def test_refit_scales_needs_gptq():
     step = parse_recipe(textwrap.dedent(MINIMAL.replace("quantize: {}", "quantize: {method: gptq, refit_scales: true}")),
                         "x.yaml").steps[0]
     assert step.refit_scales and step.method == "gptq"
+
+
+def test_int8_rows_and_float_targets_need_gptq_int4():
+    msg = errors_of(MINIMAL.replace("quantize: {}", "quantize: {method: rtn, int8_rows: 512, float_targets: 0.25}"))
+    assert "steps[0].quantize.int8_rows: int8_rows is chosen and quantized with GPTQ's LM-head pass" in msg
+    msg = errors_of(MINIMAL.replace("quantize: {}", "quantize: {method: gptq, bits: 8, int8_rows: 512}"))
+    assert "with bits 8 there is nothing finer to keep them at: use bits: 4 or drop int8_rows" in msg
+    msg = errors_of(MINIMAL.replace("quantize: {}", "quantize: {method: rtn, float_targets: 0.25}"))
+    assert "steps[0].quantize.float_targets: float_targets changes the weights GPTQ rounds" in msg
+    step = parse_recipe(textwrap.dedent(MINIMAL.replace(
+        "quantize: {}", "quantize: {method: gptq, int8_rows: 512, float_targets: 0.25}")), "x.yaml").steps[0]
+    assert step.int8_rows == 512 and step.float_targets == 0.25
 
 
 def test_out_of_range_value():
@@ -310,7 +322,8 @@ def test_multiple_errors_in_one_recipe_error_sorted_by_line():
     assert lines == [
         "x.yaml line 5: calibration.samples: expected an integer, got 'many'",
         "x.yaml line 8: steps[0].quantize.bitz: unknown key; valid keys: act_order, activations, bits, damp, dtype, "
-        "embeddings, group_size, ignore, method, preset, refit_scales, scale_dtype, symmetric, targets (did you mean 'bits'?)",
+        "embeddings, float_targets, group_size, ignore, int8_rows, method, preset, refit_scales, scale_dtype, symmetric, "
+        "targets (did you mean 'bits'?)",
         "x.yaml line 9: steps[0].quantize.bits: 5 is not one of 3, 4, 8",
         f"x.yaml line 10: steps[1].shrink: unknown step type; valid step types: {', '.join(sorted(STEP_TYPES))}",
         "x.yaml line 12: export[0].format: 'tflite' is not one of 'onnx', 'tvm'",

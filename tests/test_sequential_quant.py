@@ -51,6 +51,47 @@ def test_gptq_quantizes_every_matrix_and_beats_rtn(tiny_llama, data):
     assert _kl(tiny_llama, gptq, held_out) < _kl(tiny_llama, rtn, held_out)
 
 
+def test_gptq_float_targets_lower_the_error_against_the_float_model(tiny_llama, data):
+    """Fitting each layer to the float model's outputs (GPTAQ) beats fitting its own drifted
+    inputs, on held-out tokens, at 3 bits where the drift is large."""
+    calib, held_out = data
+    scheme = QuantScheme(bits=3, block_size=16)
+    plain, fitted = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    apply_gptq(plain, calib, scheme, GPTQConfig(), embeddings=False)
+    records = apply_gptq(fitted, calib, scheme, GPTQConfig(float_targets=1.0), embeddings=False)
+    shifts = [r["gptq"]["float_target_shift"] for r in records if "layers" in r["module"]]
+    assert len(shifts) == 14 and max(shifts[:4]) < 1e-5 < min(shifts[7:])  # block 0 sees the float inputs
+    assert _kl(tiny_llama, fitted, held_out) < _kl(tiny_llama, plain, held_out)
+
+
+def test_gptq_int8_rows_keep_the_most_used_tokens_at_int8(tiny_llama, data):
+    """The head rows of the tokens the calibration windows use most are int8 (each row exactly GPTQ's
+    int8 result, since GPTQ treats rows independently), the embedding shares the split table, and
+    held-out error drops against the all-int4 head."""
+    from edgecompress.compress.quant.formats import SplitRowsTensor
+    from edgecompress.compress.quant.gptq import gptq_quantize
+
+    calib, held_out = data
+    calib = calib.clone()
+    calib[:, ::4] = 7  # token 7 is the most used, then 11
+    calib[:, 1::8] = 11
+    plain, split = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
+    apply_gptq(plain, calib, SCHEME, GPTQConfig())
+    records = apply_gptq(split, calib, SCHEME, GPTQConfig(), int8_rows=20)
+    p = split.lm_head.packed
+    assert isinstance(p, SplitRowsTensor) and split.model.embed_tokens.packed is p
+    assert p.rows.numel() == 20 and {7, 11} <= set(p.rows.tolist()) and p.hi.bits == 8 and p.lo.bits == 4
+    counts = torch.bincount(calib.reshape(-1), minlength=260)
+    assert int(counts[p.rows].min()) >= int(counts[[v for v in range(260) if v not in set(p.rows.tolist())]].max())
+    head = records[-1]
+    share = float(counts[p.rows].sum() / counts.sum())
+    assert head["int8_rows"] == {"count": 20, "calibration_token_share": round(share, 4)} and share > 0.375
+    # each part is GPTQ of those rows alone on the head Hessian: the int4 rows equal the plain run's rows
+    rest = [v for v in range(260) if v not in set(p.rows.tolist())]
+    torch.testing.assert_close(p.to_float()[rest], plain.lm_head.packed.to_float()[rest])
+    assert _kl(tiny_llama, split, held_out) < _kl(tiny_llama, plain, held_out)
+
+
 def test_gptq_respects_a_per_layer_plan(tiny_llama, data):
     calib, _ = data
     plan = {"model.layers.0.mlp.down_proj": QuantScheme(bits=8, block_size=16)}

@@ -204,3 +204,25 @@ def test_constant_folding_fixes_logits_to_keep(tiny_artifacts):
     ops = {n.op_type for n in prepared.graph.node}
     assert not ops & {"Cos", "Sin", "Range", "Where"}  # rotary caches and the keep-slice start folded
     assert custom == []
+
+
+def test_split_row_head_on_tvm_equals_ort(tmp_path):
+    """A tied embedding/head with int8 rows for some tokens (two GatherBlockQuantized / MatMulNBits
+    tables, Where and a last-axis Gather) compiles through the same converters and equals ORT."""
+    import torch
+
+    from edgecompress.compress.quant.formats import QuantScheme, quantize_blockwise, split_rows
+    from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
+    from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
+    from edgecompress.export.onnx_export import export_causal_lm
+    from edgecompress.models import load_model
+
+    lm = load_model("tiny-llama")
+    apply_rtn(lm.model, RTNConfig(bits=4, group_size=32, embeddings=False))
+    p = split_rows(lm.model.model.embed_tokens.weight.data, torch.tensor([7, 11, 40, 200]),
+                   lambda rows, hi: quantize_blockwise(rows, QuantScheme(8 if hi else 4, 32, True)))
+    lm.model.model.embed_tokens = QuantEmbedding(p)
+    lm.model.lm_head = QuantLinear(p)
+    (tmp_path / "art").mkdir()
+    export_causal_lm(lm.model, tmp_path / "art", accuracy_level=0)
+    _compare(tmp_path / "art", tmp_path, 0, 1e-4)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import re
@@ -295,6 +296,7 @@ def sequential_calibrate(
     progress: bool = False,
     forward: ForwardFn | None = None,
     batch_size: int = 1,
+    float_stream: bool = False,
 ) -> StatsStore:
     """Calibrate block by block, letting ``on_block`` modify each block before the next sees it.
 
@@ -304,6 +306,12 @@ def sequential_calibrate(
     call ``on_block(i, block, store)`` (with the caller's grad mode), and recompute the
     block's outputs with the possibly modified block as the inputs of block ``i + 1``.
     Every request must match modules inside ``blocks`` only.
+
+    ``float_stream``: also carry the hidden states of the blocks as they were before
+    ``on_block`` changed them (the float model's), and store for every module with a
+    ``hessian`` input request the cross moment ``"cross"``: ``{"cross": (1/n) sum_t f_t x_t^T}``,
+    ``f_t`` the module's input in the float model and ``x_t`` its input here, token by token
+    (GPTQ's float targets, :func:`~edgecompress.compress.quant.sequential.apply_gptq`).
     """
     store = store if store is not None else StatsStore()
     forward = forward or default_forward
@@ -320,10 +328,15 @@ def sequential_calibrate(
         with torch.no_grad():
             cache = _capture_block_inputs(model, blocks[0], items, total, forward, progress)
         log.debug("captured block-0 inputs of %d batches; calibrating %d blocks", len(cache), len(blocks))
+        float_cache = list(cache) if float_stream else None
         for i, block in enumerate(track(blocks, len(blocks), "calibrating blocks", progress)):
+            float_block = copy.deepcopy(block) if float_stream else None  # before any hook or change
             with torch.no_grad(), observe(model, requests, within=block) as observers:
-                for args, kwargs in cache:
-                    block(*args, **kwargs)
+                if float_stream:
+                    float_cache = _paired_pass(model, block, float_block, requests, cache, float_cache, store)
+                else:
+                    for args, kwargs in cache:
+                        block(*args, **kwargs)
             _record(store, observers, requests)
             on_block(i, block, store)
             if i + 1 < len(blocks):
@@ -331,3 +344,54 @@ def sequential_calibrate(
                     for j, (args, kwargs) in enumerate(cache):
                         cache[j] = _with_hidden(args, kwargs, _main_output(block(*args, **kwargs)))
     return store
+
+
+def _paired_pass(model: nn.Module, block: nn.Module, float_block: nn.Module, requests: Sequence[StatRequest],
+                 cache: list, float_cache: list, store: StatsStore) -> list:
+    """Run ``block`` on ``cache`` (its observers attached by the caller) and its unchanged copy
+    ``float_block`` on ``float_cache``, batch by batch; store each hessian-observed module's cross
+    moment ``(1/n) sum_t f_t x_t^T`` as ``"cross"``. Returns the float stream's next inputs."""
+    prefix = next(n for n, m in model.named_modules() if m is block)
+    pools = {name: req.pool for name, _, req in resolve(model, requests, within=block)
+             if req.stat == "hessian" and req.where == "input"}
+    names = sorted(pools)
+    own = dict(model.named_modules())
+    twin = dict(float_block.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+
+    def grab(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
+            f = pools[name](_first_tensor(args, kwargs)).detach()
+            seen[name] = f.reshape(-1, f.shape[-1]).float()
+        return hook
+
+    def cross(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
+            x = pools[name](_first_tensor(args, kwargs)).detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            f = seen.pop(name)
+            if f.shape != x.shape:
+                raise EdgeCompressError(f"float stream: {name} saw {tuple(f.shape)} and {tuple(x.shape)} inputs",
+                                        hint="float targets need the same tokens in both streams")
+            xtx = (f.T @ x).double()
+            sums[name] = xtx if name not in sums else sums[name] + xtx
+            counts[name] += x.shape[0]
+        return hook
+
+    rel = {name: name[len(prefix) + 1:] for name in names}
+    handles = [twin[rel[n]].register_forward_hook(grab(n), with_kwargs=True) for n in names]
+    handles += [own[n].register_forward_hook(cross(n), with_kwargs=True) for n in names]
+    out = []
+    try:
+        for (args, kwargs), (fargs, fkwargs) in zip(cache, float_cache, strict=True):
+            out.append(_with_hidden(fargs, fkwargs, _main_output(float_block(*fargs, **fkwargs))))
+            block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in names:
+        if counts[name]:
+            store.put(name, "cross", {"cross": sums[name] / counts[name]}, counts[name])
+    return out

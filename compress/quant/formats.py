@@ -16,6 +16,7 @@ default for ``MatMulNBits`` and ``GatherBlockQuantized``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -242,3 +243,63 @@ def quantize_blockwise(w: torch.Tensor, scheme: QuantScheme,
     blocks = to_blocks(w, scheme.block_size)
     scales, zp = block_scales(blocks, scheme, clip)
     return pack(encode(blocks, scales, zp, scheme.bits), scales, zp, scheme, tuple(w.shape))
+
+
+@dataclass
+class SplitRowsTensor:
+    """A ``[V, H]`` table (a tied token embedding / LM head) whose rows are stored in two formats.
+
+    ``rows`` (int64, ascending) are the rows kept in the finer format ``hi``; every other row,
+    in ascending order, is in ``lo``. Calibration picks ``rows``: the tokens the calibration text
+    uses most (their logits and embeddings are what the model computes with most of the time).
+    ``position`` maps a row to its place in ``[hi; lo]``, the order both tables are stored in.
+    """
+
+    rows: torch.Tensor
+    hi: BlockQuantizedTensor
+    lo: BlockQuantizedTensor
+
+    def __post_init__(self) -> None:
+        if self.hi.shape[1] != self.lo.shape[1]:
+            raise ValueError(f"split rows need one row length, got {self.hi.shape} and {self.lo.shape}")
+        if self.rows.dim() != 1 or self.rows.numel() != self.hi.shape[0]:
+            raise ValueError(f"{self.rows.numel()} row ids for {self.hi.shape[0]} fine rows")
+        if self.rows.numel() > 1 and not bool((self.rows[1:] > self.rows[:-1]).all()):
+            raise ValueError("split row ids must be strictly ascending")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.hi.shape[0] + self.lo.shape[0], self.hi.shape[1])
+
+    def position(self) -> torch.Tensor:
+        """int64 ``[V]``: row ``v`` is row ``position[v]`` of ``[hi; lo]``."""
+        v = self.shape[0]
+        is_hi = torch.zeros(v, dtype=torch.bool)
+        is_hi[self.rows] = True
+        pos = torch.empty(v, dtype=torch.int64)
+        pos[self.rows] = torch.arange(self.rows.numel())
+        pos[~is_hi] = torch.arange(self.rows.numel(), v)
+        return pos
+
+    def to_float(self) -> torch.Tensor:
+        """Pure-torch dequantization to float32 ``[V, H]``."""
+        both = torch.cat([self.hi.to_float(), self.lo.to_float()])
+        return both[self.position()].contiguous()
+
+    def storage_bits(self, scale_bits: int = 16) -> int:
+        """Both tables plus the row positions (16 bits each while ``V <= 65536``, else 32)."""
+        pos_bits = 16 if self.shape[0] <= 1 << 16 else 32
+        return self.hi.storage_bits(scale_bits) + self.lo.storage_bits(scale_bits) + self.shape[0] * pos_bits
+
+    def bits_per_weight(self, scale_bits: int = 16) -> float:
+        return self.storage_bits(scale_bits) / (self.shape[0] * self.shape[1])
+
+
+def split_rows(w: torch.Tensor, rows: torch.Tensor, quantize: Callable[[torch.Tensor, bool], BlockQuantizedTensor]
+               ) -> SplitRowsTensor:
+    """Quantize the ``rows`` of ``w [V, H]`` with ``quantize(rows_weight, True)`` and the rest with
+    ``quantize(rest, False)``."""
+    rows = torch.unique(rows.to(torch.int64))  # sorted, distinct
+    keep = torch.zeros(w.shape[0], dtype=torch.bool)
+    keep[rows] = True
+    return SplitRowsTensor(rows, quantize(w[keep], True), quantize(w[~keep], False))

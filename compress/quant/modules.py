@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation import ActQuant
-from .formats import BlockQuantizedTensor
+from .formats import BlockQuantizedTensor, SplitRowsTensor
 
 
 class _Packed(nn.Module):
-    def __init__(self, packed: BlockQuantizedTensor):
+    def __init__(self, packed: BlockQuantizedTensor | SplitRowsTensor):
         super().__init__()
         self.packed = packed
         self._dense: torch.Tensor | None = None
@@ -27,6 +27,8 @@ class _Packed(nn.Module):
 
     def extra_repr(self) -> str:
         p = self.packed
+        if isinstance(p, SplitRowsTensor):
+            return f"shape={p.shape}, {p.rows.numel()} int8 rows, others bits={p.lo.bits}, block_size={p.lo.block_size}"
         kind = "sym" if p.symmetric else "asym"
         return f"shape={p.shape}, bits={p.bits}, block_size={p.block_size}, {kind}"
 
