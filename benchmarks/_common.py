@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgecompress.check import LMMetrics
 from edgecompress.data import load_text, token_windows
 from edgecompress.models import load_model
 
@@ -24,3 +25,13 @@ def smollm2_windows(args: Namespace) -> tuple[Any, torch.Tensor, torch.Tensor, l
     with torch.no_grad():
         ref_logits = [reference(input_ids=row[None], use_cache=False).logits[0].float().numpy() for row in held_out]
     return reference, calib, held_out, ref_logits
+
+
+def held_out_metrics(model: Any, held_out: torch.Tensor, ref_logits: list[np.ndarray]) -> dict:
+    """The check's metrics (perplexity ratio, KL, top-1 agreement, ...) of a torch causal LM against
+    the reference logits of :func:`smollm2_windows`."""
+    m = LMMetrics()
+    with torch.no_grad():
+        for row, ref in zip(held_out, ref_logits):
+            m.update(ref, model(input_ids=row[None], use_cache=False).logits[0].float().numpy(), row.numpy())
+    return m.result()

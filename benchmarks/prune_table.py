@@ -29,19 +29,10 @@ from pathlib import Path
 
 import torch
 
-from edgecompress.check import LMMetrics
 from edgecompress.compress.prune.layers import remove_sublayers, sublayer_name
 from edgecompress.compress.prune.scores import SublayerChain, block_influence, greedy_removal, kl_divergence
 
-from _common import smollm2_windows  # benchmarks/ is on sys.path when a script runs
-
-
-def held_out_metrics(model, held_out, ref_logits) -> dict:
-    m = LMMetrics()
-    with torch.no_grad():
-        for row, ref in zip(held_out, ref_logits):
-            m.update(ref, model(input_ids=row[None], use_cache=False).logits[0].float().numpy(), row.numpy())
-    return m.result()
+from _common import held_out_metrics, smollm2_windows  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
