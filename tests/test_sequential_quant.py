@@ -133,6 +133,37 @@ def test_pipeline_runs_awq_gptq_and_mixed_precision_steps(tmp_path):
     assert report["check"]["passed"]
 
 
+def test_pipeline_exports_int8_rows_and_float_targets_and_counts_every_byte(tmp_path):
+    """The shipped W4 recipe's shape on the tiny model: down_proj first at g64, the rest at g32 with
+    int8 head rows and float targets; the artifact's bits per weight is the packed tensors' own count,
+    and the ORT check (and the torch runtime on the same artifact) passes."""
+    from edgecompress.artifact import Artifact
+    from edgecompress.runtimes.torch_ref import load_torch_model
+
+    gptq = {"method": "gptq", "bits": 4, "act_order": True, "refit_scales": True, "float_targets": 0.25}
+    recipe = parse_recipe(json.dumps({
+        "name": "tiny-rows",
+        "model": {"source": "tiny-llama"},
+        "calibration": {"samples": 4, "seq_len": 64},
+        "steps": [
+            {"quantize": {**gptq, "group_size": 64, "targets": [r"mlp\.down_proj$"], "embeddings": False}},
+            {"quantize": {**gptq, "group_size": 32, "int8_rows": 16}},
+        ],
+        "export": [{"format": "onnx", "name": "int4", "accuracy_level": 0}],
+        "check": {"export": "int4", "seq_len": 64, "windows": 2},
+    }))
+    report = run_recipe(recipe, tmp_path, progress=False)
+    art = tmp_path / "tiny-rows" / "int4"
+    m = json.loads((art / "manifest.json").read_text())
+    emb = next(f for f in m["layers"] if f["module"] == "model.embed_tokens")
+    assert emb["onnx_op"] == "SplitRows:GatherBlockQuantized" and emb["format"].startswith("int8-b32-sym-rows16+")
+    head = next(f for f in m["layers"] if f["module"] == "lm_head")
+    assert head["onnx_op"] == "SplitRows:MatMulNBits" and head["stored_bytes"] == 0
+    assert report["check"]["passed"]
+    model = load_torch_model(Artifact.load(art))
+    assert model.model.embed_tokens.weight.shape == (260, 64)
+
+
 def test_gptq_3bit_beats_rtn_3bit_on_a_correlated_layer():
     from edgecompress.compress.quant.formats import quantize_blockwise
     from edgecompress.compress.quant.gptq import gptq_quantize, layer_error
