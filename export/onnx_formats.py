@@ -419,9 +419,10 @@ def _emit_split_embedding(g: GraphBuilder, ids: str, p: SplitRowsTensor, base: s
     position, pos_bytes = _split_positions(g, p, base, cache)
     n = p.rows.numel()
     where = g.op("Gather", position["position"], ids, name=f"{base}/row_position", axis=0)
-    is_hi = g.op("Less", where, g.const("n_int8_rows", np.array([n], np.int64)), name=f"{base}/is_int8_row")
+    n_hi = g.const("n_int8_rows", np.array([n], np.int64))
+    is_hi = g.op("Less", where, n_hi, name=f"{base}/is_int8_row")
     i_hi = g.op("Min", where, g.const("last_int8_row", np.array([n - 1], np.int64)), name=f"{base}/int8_row")
-    i_lo = g.op("Max", g.op("Sub", where, g.const("n_int8_rows", np.array([n], np.int64)), name=f"{base}/sub_rows"),
+    i_lo = g.op("Max", g.op("Sub", where, n_hi, name=f"{base}/sub_rows"),
                 g.const("zero_row", np.array([0], np.int64)), name=f"{base}/other_row")
     e_hi, f_hi = emit_embedding(g, i_hi, QuantEmbedding(p.hi), f"{base}.int8_rows", opts, cache)
     e_lo, f_lo = emit_embedding(g, i_lo, QuantEmbedding(p.lo), f"{base}.other_rows", opts, cache)

@@ -162,8 +162,7 @@ def _split_head(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQ
     if int8_rows > seen:
         log.warning("int8_rows: %d requested, the calibration text uses %d distinct tokens; the other %d int8 rows "
                     "go to the lowest token ids it does not use", int8_rows, seen, int8_rows - seen)
-    order = sorted(range(W.shape[0]), key=lambda v: (-int(counts[v]), v))
-    rows = torch.tensor(order[:int8_rows], dtype=torch.int64)
+    rows = torch.sort(-counts, stable=True).indices[:int8_rows]  # most used first; ties: lower id first
     fine = QuantScheme(bits=8, block_size=scheme.block_size, symmetric=scheme.symmetric, scale_dtype=scheme.scale_dtype)
     diags: dict[bool, dict] = {}
 
