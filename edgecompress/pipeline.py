@@ -71,11 +71,15 @@ def _scheme(step: QuantizeStep | AWQStep) -> QuantScheme:
                        scale_dtype=step.scale_dtype, dtype=getattr(step, "dtype", "int"))
 
 
+def _gptq_config(step: QuantizeStep | MixedPrecisionStep) -> GPTQConfig:
+    return GPTQConfig(damp=step.damp, act_order=step.act_order, refit_scales=step.refit_scales,
+                      float_targets=step.float_targets)
+
+
 def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> list[dict]:
     before = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if step.method == "gptq":
-        cfg = GPTQConfig(damp=step.damp, act_order=step.act_order, refit_scales=step.refit_scales,
-                         float_targets=step.float_targets)
+        cfg = _gptq_config(step)
         records = apply_gptq(model, ctx.windows, _scheme(step), cfg,
                              targets=tuple(step.targets), ignore=tuple(step.ignore), embeddings=step.embeddings,
                              progress=ctx.progress, batch_size=ctx.batch_size, int8_rows=step.int8_rows)
@@ -134,8 +138,7 @@ def _apply_mixed(model: nn.Module, step: MixedPrecisionStep, ctx: StepContext) -
     plan, report = plan_mixed_precision(model, ctx.windows[: step.samples], schemes, step.budget_bits,
                                         embeddings=step.embeddings, progress=ctx.progress)
     if step.method == "gptq":
-        cfg = GPTQConfig(damp=step.damp, act_order=step.act_order, refit_scales=step.refit_scales,
-                         float_targets=step.float_targets)
+        cfg = _gptq_config(step)
         records = apply_gptq(model, ctx.windows, plan.get, cfg,
                              embeddings=step.embeddings, progress=ctx.progress, batch_size=ctx.batch_size)
     else:
