@@ -389,13 +389,13 @@ def emit_embedding(g: GraphBuilder, ids: str, mod: nn.Module, base: str, opts: E
 def _split_positions(g: GraphBuilder, p: SplitRowsTensor, base: str,
                      cache: WeightCache) -> tuple[dict[str, str], int]:
     """``{"row_position": stored, "position": int64 [V]}``: each row's place in ``[int8 rows; other
-    rows]``, stored as uint16 while V <= 65536 (int32 beyond) and cast at load; shared by a tied
+    rows]``, stored as uint16 or int32 (``p.position_bits``) and cast at load; shared by a tied
     embedding and head. Also returns the bytes stored by this call."""
     names = cache.get(p)
     if names is not None:
         return names, 0
     pos = _np(p.position())
-    stored = pos.astype(np.uint16) if p.shape[0] <= 1 << 16 else pos.astype(np.int32)
+    stored = pos.astype(np.uint16 if p.position_bits == 16 else np.int32)
     q = g.initializer(f"{base}.row_position", stored)
     names = {"row_position": q, "position": g.op("Cast", q, name=f"{base}/row_position_int64", to=INT64)}
     cache.put(p, names, base)

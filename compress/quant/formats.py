@@ -286,10 +286,14 @@ class SplitRowsTensor:
         both = torch.cat([self.hi.to_float(), self.lo.to_float()])
         return both[self.position()].contiguous()
 
+    @property
+    def position_bits(self) -> int:
+        """Bits each stored row position takes: 16 (unsigned) while ``V <= 65536``, else 32."""
+        return 16 if self.shape[0] <= 1 << 16 else 32
+
     def storage_bits(self, scale_bits: int = 16) -> int:
-        """Both tables plus the row positions (16 bits each while ``V <= 65536``, else 32)."""
-        pos_bits = 16 if self.shape[0] <= 1 << 16 else 32
-        return self.hi.storage_bits(scale_bits) + self.lo.storage_bits(scale_bits) + self.shape[0] * pos_bits
+        """Both tables plus the row positions (:attr:`position_bits` each)."""
+        return self.hi.storage_bits(scale_bits) + self.lo.storage_bits(scale_bits) + self.shape[0] * self.position_bits
 
     def bits_per_weight(self, scale_bits: int = 16) -> float:
         return self.storage_bits(scale_bits) / (self.shape[0] * self.shape[1])
