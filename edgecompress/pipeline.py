@@ -34,7 +34,7 @@ from .bench import bench_in_subprocess, peak_rss_mb
 from .check import apply_thresholds, evaluate
 from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_prompts, load_text, sentence_batches,
                    token_windows)
-from .errors import ArtifactError, EdgeCompressError
+from .errors import ArtifactError, EdgeCompressError, RecipeError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
 from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
@@ -78,6 +78,12 @@ def _gptq_config(step: QuantizeStep | MixedPrecisionStep) -> GPTQConfig:
 
 def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> list[dict]:
     before = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    a = step.activations
+    rotated = {}
+    if a is not None and a.hadamard:
+        from edgecompress.compress.quant.rotation import rotate_linear_inputs_
+
+        rotated = rotate_linear_inputs_(model, a.hadamard)  # the weights now expect x R: quantize them right away
     if step.method == "gptq":
         cfg = _gptq_config(step)
         records = apply_gptq(model, ctx.windows, _scheme(step), cfg,
@@ -87,7 +93,13 @@ def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> l
         cfg = RTNConfig.from_scheme(_scheme(step), targets=tuple(step.targets), ignore=tuple(step.ignore),
                                     embeddings=step.embeddings)
         records = [asdict(r) for r in apply_rtn(model, cfg)]
-    a = step.activations
+    for name, rot in rotated.items():
+        mod = model.get_submodule(name)
+        if not isinstance(mod, QuantLinear):
+            raise RecipeError(f"activations.hadamard rotated {name}, which this step's targets/ignore leave "
+                              "unquantized", hint="quantize every layer activations.hadamard names")
+        mod.rotation = rot
+        records.append({"module": name, "input_rotation": rot.to_dict()})
     if a is not None:
         from edgecompress.compress.quant.w8a8 import calibrate_activations
 

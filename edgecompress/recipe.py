@@ -284,6 +284,12 @@ class ActivationSpec(BaseModel):
         "float at export time and ships as a KV-cache prefix that the runtimes load instead of recomputing it; its "
         "massive activations stay out of the calibrated ranges (and out of an earlier smoothquant step's "
         "statistics). Inputs must start with the tokenizer's BOS token.")
+    hadamard: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (), description="Online Hadamard rotation (QuaRot, Ashkboos et al. 2024) of the inputs of the linears whose "
+        "names match these regexes: the weight is quantized as W R and the graph computes x R (two small MatMuls, "
+        "R a Kronecker product of two Hadamard matrices) before QuantizeLinear, so outliers spread over all "
+        "channels and one per-tensor scale fits. For inputs SmoothQuant cannot fold (mlp.down_proj); method rtn; "
+        "not for a layer tied to the embedding.")
 
 
 class QuantizeStep(StepConfig):
@@ -384,6 +390,11 @@ class QuantizeStep(StepConfig):
             raise _located_error(("int8_rows",), self.int8_rows, "int8_rows_needs_int4",
                                  "int8_rows keeps some rows of an int4 head at int8; with bits {bits} there is "
                                  "nothing finer to keep them at: use bits: 4 or drop int8_rows", {"bits": self.bits})
+        if self.activations is not None and self.activations.hadamard and self.method != "rtn":
+            raise _located_error(("activations", "hadamard"), list(self.activations.hadamard), "hadamard_needs_rtn",
+                                 "activations.hadamard rotates the weights just before rounding them; method {method} "
+                                 "runs the model between the two: use method: rtn (the w8a8 preset) or drop "
+                                 "activations.hadamard", {"method": self.method})
         if self.float_targets and self.method != "gptq":
             raise _located_error(("float_targets",), True, "float_targets_needs_gptq",
                                  "float_targets changes the weights GPTQ rounds (sequentially, block by block); "

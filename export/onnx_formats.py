@@ -29,6 +29,7 @@ from edgecompress.compress.quant.activation import ActQuant
 from edgecompress.compress.quant.formats import BlockQuantizedTensor, SplitRowsTensor
 from edgecompress.compress.quant.fp4 import E2M1_VALUES, FP4Tensor
 from edgecompress.compress.quant.modules import QuantEmbedding, QuantLinear
+from edgecompress.compress.quant.rotation import HadamardRotation
 
 from . import onnx_custom as custom
 from .graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
@@ -138,6 +139,9 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
     elif isinstance(mod, QuantLinear):
         p = mod.packed
         n, k = p.shape
+        rot_names = {}
+        if mod.rotation is not None:
+            x, rot_names = _emit_rotation(g, x, mod.rotation, base)
         if mod.act is not None:
             if not p.bits == 8 or p.n_blocks != 1:
                 raise NotImplementedError(f"{base}: static activation quantization exports with int8 "
@@ -176,6 +180,10 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
             raise NotImplementedError(
                 f"{base}: no ONNX form for {p.bits}-bit weights in blocks of {p.block_size}; "
                 "use a group_size of 16..256 (a power of two)")
+        if rot_names:
+            fmt.format += "-hadamard"
+            fmt.onnx_op = "Hadamard+" + fmt.onnx_op
+            fmt.initializers.update(rot_names)
         bias = mod.bias
     elif isinstance(mod, nn.Linear):
         w = g.initializer(f"{base}.weight_t", _np(mod.weight).T.copy())
@@ -189,6 +197,23 @@ def emit_linear(g: GraphBuilder, x: str, mod: nn.Module, base: str, opts: EmitOp
         fmt.initializers["bias"] = g.initializer(f"{base}.bias", _np(bias).astype(np.float32))
         y = g.op("Add", y, fmt.initializers["bias"], name=f"{base}/bias")
     return y, fmt
+
+
+def _emit_rotation(g: GraphBuilder, x: str, rot: HadamardRotation, base: str) -> tuple[str, dict[str, str]]:
+    """``x (A ⊗ B)`` as ``Aᵀ X B`` on the ``[a, b]`` view of the last axis: Reshape, MatMul by ``B``,
+    MatMul by ``Aᵀ`` (broadcast over the leading axes), Reshape back to ``x``'s shape. The factors are
+    graph constants shared by every layer of the same size."""
+    A, B = (f.numpy() for f in rot.factors())
+    names = {}
+    for key, arr in (("hadamard_a", A.T.copy()), ("hadamard_b", B)):
+        name = f"hadamard.{arr.shape[0]}" + (".t" if key == "hadamard_a" else "")
+        names[key] = name if name in g.initializers else g.initializer(name, arr.astype(np.float32))
+    shape = g.op("Shape", x, name=f"{base}/hadamard_Shape")
+    view = g.op("Reshape", x, g.const(f"{base}.hadamard_view", np.array([-1, rot.a, rot.b], np.int64)),
+                name=f"{base}/hadamard_Reshape")
+    y = g.op("MatMul", view, names["hadamard_b"], name=f"{base}/hadamard_MatMulB")
+    y = g.op("MatMul", names["hadamard_a"], y, name=f"{base}/hadamard_MatMulA")
+    return g.op("Reshape", y, shape, name=f"{base}/hadamard_Reshape_back"), names
 
 
 def _emit_act_qdq(g: GraphBuilder, x: str, act: ActQuant, base: str) -> tuple[str, dict[str, str]]:
@@ -226,14 +251,14 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
         return fused
     if all(isinstance(m, QuantLinear) for m in mods):
         acts = [m.act for m in mods]
-        if any((a is None) != (acts[0] is None) for a in acts):
+        if any((a is None) != (acts[0] is None) for a in acts) or any(m.rotation != mods[0].rotation for m in mods):
             return None
         if acts[0] is not None and not all(
                 torch.equal(a.scale, acts[0].scale) and torch.equal(a.zero_point, acts[0].zero_point)
                 and a.bits == acts[0].bits for a in acts):
             return None
         try:
-            return QuantLinear(mods[0].packed.cat_rows(*[m.packed for m in mods[1:]]), bias, acts[0])
+            return QuantLinear(mods[0].packed.cat_rows(*[m.packed for m in mods[1:]]), bias, acts[0], mods[0].rotation)
         except ValueError:
             return None
     return None

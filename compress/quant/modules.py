@@ -12,6 +12,7 @@ from torch import nn
 
 from .activation import ActQuant
 from .formats import BlockQuantizedTensor, SplitRowsTensor
+from .rotation import HadamardRotation
 
 
 class _Packed(nn.Module):
@@ -38,27 +39,33 @@ class QuantLinear(_Packed):
 
     ``act`` (W8A8): static quantization of the input, applied before the matmul as the
     exported ``QuantizeLinear``/``DequantizeLinear`` pair does; None = float input.
+    ``rotation``: an online Hadamard rotation of the input (:mod:`.rotation`), applied first; the
+    weight was quantized already rotated. None = no rotation.
     """
 
     def __init__(self, packed: BlockQuantizedTensor, bias: torch.Tensor | None = None,
-                 act: ActQuant | None = None):
+                 act: ActQuant | None = None, rotation: HadamardRotation | None = None):
         super().__init__(packed)
         self.out_features, self.in_features = packed.shape
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.act = act
+        self.rotation = rotation
 
     @property
     def weight(self) -> torch.Tensor:  # lets code that reads .weight (e.g. HF helpers) keep working
         return self.dense_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation.apply(x)
         if self.act is not None:
             x = self.act.fake_quant(x)
         return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         act = "" if self.act is None else f", act=uint{self.act.bits}-{self.act.method}"
-        return super().extra_repr() + act
+        rot = "" if self.rotation is None else f", hadamard={self.rotation.a}x{self.rotation.b}"
+        return super().extra_repr() + act + rot
 
 
 class QuantEmbedding(_Packed):
