@@ -1,6 +1,6 @@
 """The quantization table on SmolLM2-135M, in one run: RTN vs AWQ vs GPTQ vs AWQ+GPTQ at W4 (group 64)
-and W3 (block 128), and W8A8 (SmoothQuant, auto alpha; float BOS prefix) with each activation observer,
-plus W8A8 without the prefix.
+and W3 (block 128), the shipped W4 recipe (int8 head rows), and W8A8 (SmoothQuant, auto alpha; float BOS
+prefix; Hadamard-rotated down_proj input) with each activation observer, plus W8A8 without the rotation.
 
 Each variant is the shipped `recipes/smollm2-135m-gptq-w4.yaml` with its steps replaced, run
 through the whole pipeline (calibrate -> steps -> ONNX export -> check on ORT CPU against the
@@ -26,6 +26,7 @@ from edgecompress.pipeline import run_recipe
 from edgecompress.recipe import parse_recipe
 
 BASE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m-gptq-w4.yaml"
+ROWS = BASE.with_name("smollm2-135m-awq-gptq-w4-rows.yaml")
 
 
 def weight_only(bits: int, group: int) -> dict[str, list[dict]]:
@@ -46,13 +47,16 @@ def weight_only(bits: int, group: int) -> dict[str, list[dict]]:
 
 def variants() -> dict[str, list[dict]]:
     out = {f"w4:{k}": v for k, v in weight_only(4, 64).items()}
+    # the shipped W4 recipe: its int8 head rows and down_proj blocks of 128 under the same 4.25 bits
+    out["w4:awq+gptq-rows"] = yaml.safe_load(ROWS.read_text())["steps"]
     out.update({f"w3:{k}": v for k, v in weight_only(3, 128).items()})
-    # W8A8 with the float BOS prefix (PrefixQuant) per observer, and once without it for comparison
+    # W8A8 as shipped (float BOS prefix, Hadamard-rotated down_proj input) per observer, and mse without the rotation
     for obs in ("minmax", "percentile", "mse", "entropy"):
-        out[f"w8a8:{obs}"] = [{"smoothquant": {"alpha": "auto"}},
-                              {"quantize": {"preset": "w8a8", "activations": {"observer": obs, "float_prefix": True}}}]
-    out["w8a8:mse-no-prefix"] = [{"smoothquant": {"alpha": "auto"}},
-                                 {"quantize": {"preset": "w8a8", "activations": {"observer": "mse"}}}]
+        act = {"observer": obs, "float_prefix": True, "hadamard": r"mlp\.down_proj$"}
+        out[f"w8a8:{obs}"] = [{"smoothquant": {"alpha": "auto"}}, {"quantize": {"preset": "w8a8", "activations": act}}]
+    out["w8a8:mse-no-hadamard"] = [{"smoothquant": {"alpha": "auto"}},
+                                   {"quantize": {"preset": "w8a8",
+                                                 "activations": {"observer": "mse", "float_prefix": True}}}]
     return out
 
 

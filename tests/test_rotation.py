@@ -42,10 +42,12 @@ def test_orders_without_a_construction_are_refused():
         HadamardRotation.of_size(36)
 
 
-def test_factor_pair_minimises_the_online_cost():
-    assert factor_pair(1536) == (32, 48)  # 80 multiply-adds per element, vs 12 + 128 or 1 + 1536
-    assert factor_pair(576) == (24, 24)
-    assert factor_pair(12) == (1, 12)
+def test_factor_pair_is_the_paley_part_times_the_sylvester_part():
+    assert factor_pair(1536) == (12, 128)  # QuaRot's H_12 x H_128: 140 multiply-adds per element, not 1536
+    assert factor_pair(576) == (144, 4)
+    assert factor_pair(240) == (240, 1)  # 12 x 20: both Paley factors in one dense 240 x 240
+    assert factor_pair(12) == (12, 1)
+    assert factor_pair(128) == (8, 16)  # a power of two: every split is the same matrix; the cheapest one
 
 
 @pytest.mark.parametrize("n", [12, 128, 576, 1536])
