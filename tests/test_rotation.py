@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edgecompress.cli import main
-from edgecompress.compress.quant.activation import calibrated_act_quant
+from edgecompress.compress.quant.activation import affine_params, calibrated_act_quant
 from edgecompress.compress.quant.modules import QuantLinear
 from edgecompress.compress.quant.rotation import HadamardRotation, factor_pair, hadamard, rotate_linear_inputs_
 from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
@@ -111,6 +111,33 @@ def _w8a8_rotated(model: nn.Module, cal: torch.Tensor) -> None:
         model.get_submodule(name).rotation = rot
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     calibrate_activations(model, cal, names, method="minmax")
+
+
+def test_activation_ranges_are_calibrated_on_the_rotated_input(tiny_llama):
+    """The range of a rotated layer's QuantizeLinear is that of ``x R`` (what it quantizes), not of ``x``."""
+    torch.manual_seed(0)
+    cal = torch.randint(0, 260, (4, 32))
+    model = copy.deepcopy(tiny_llama)
+    _w8a8_rotated(model, cal)
+    down = model.model.layers[1].mlp.down_proj
+    seen = []
+    handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    act, down.act = down.act, None  # the inputs as calibration saw them: no quantization anywhere before
+    acts = {m: m.act for m in model.modules() if isinstance(m, QuantLinear)}
+    for m in acts:
+        m.act = None
+    with torch.no_grad():
+        for row in cal:
+            model(row[None])
+    handle.remove()
+    for m, a in acts.items():
+        m.act = a
+    rotated = down.rotation.apply(torch.cat(seen))
+    want = affine_params(rotated.min(), rotated.max(), 8)
+    torch.testing.assert_close(act.scale, want[0])
+    assert int(act.zero_point) == int(want[1])
+    plain = torch.cat(seen)
+    assert not torch.allclose(act.scale, affine_params(plain.min(), plain.max(), 8)[0])
 
 
 def test_w8a8_with_rotated_down_proj_on_ort_matches_torch(tiny_llama):

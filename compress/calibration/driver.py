@@ -146,7 +146,9 @@ def observe(
 ) -> Iterator[ObserverMap]:
     """Attach observers per ``requests``; yields ``{(module name, stat key): observer}``.
 
-    Every hook is removed when the block exits, also when the forward raises.
+    An input statistic observes what the module's weight multiplies: its ``matmul_input(x)`` when it
+    has one (a ``QuantLinear`` with an input rotation), else its input. Every hook is removed when the
+    block exits, also when the forward raises.
     """
     observers: ObserverMap = {}
     handles = []
@@ -156,9 +158,11 @@ def observe(
             observers[(name, req.key)] = obs
             if req.where == "input":
 
-                def hook(_m: nn.Module, args: tuple, kwargs: dict, _out: Any, obs: Observer = obs,
+                def hook(m: nn.Module, args: tuple, kwargs: dict, _out: Any, obs: Observer = obs,
                          req: StatRequest = req) -> None:
-                    obs.update(req.pool(_first_tensor(args, kwargs)))
+                    x = _first_tensor(args, kwargs)
+                    prepare = getattr(m, "matmul_input", None)  # e.g. a QuantLinear's input rotation
+                    obs.update(req.pool(x if prepare is None else prepare(x)))
 
             else:
 

@@ -55,9 +55,13 @@ class QuantLinear(_Packed):
     def weight(self) -> torch.Tensor:  # lets code that reads .weight (e.g. HF helpers) keep working
         return self.dense_weight()
 
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the (stored) weight multiplies, before any activation quantization: ``x``, rotated when
+        the layer has an input rotation. Calibration observers of this layer's input see this tensor."""
+        return x if self.rotation is None else self.rotation.apply(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotation is not None:
-            x = self.rotation.apply(x)
+        x = self.matmul_input(x)
         if self.act is not None:
             x = self.act.fake_quant(x)
         return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
