@@ -8,10 +8,7 @@ that produces ``x`` (down_proj's input is ``silu(gate) * up``, an elementwise pr
 computed online. With ``R = A ⊗ B`` (a Kronecker product of two small Hadamard matrices), ``x R`` is
 two small matmuls on ``x`` viewed as an ``[a, b]`` matrix: ``Aᵀ X B`` — ``n (a + b)`` multiply-adds
 per token instead of ``n²`` (1536 inputs: 12 x 128, 140 per input element).
-
-Which Hadamard matrix of an order matters: on SmolLM2's down_proj input (W8A8, torch) ``H_12 ⊗ H_128``
-left a KL of 0.028 to the float model and ``H_32 ⊗ H_48`` (``H_48 = H_12 ⊗ H_4``) 0.035 (BENCHMARKS.md);
-:func:`factor_pair` follows QuaRot's construction, the Paley factor times one Sylvester factor.
+:func:`factor_pair` follows QuaRot's construction: the Paley factor times one Sylvester factor.
 
 Hadamard matrices of order ``2^k`` (Sylvester) and of orders 12 and 20 (Paley's construction from
 the quadratic residues mod 11 and 19), and Kronecker products of these, are built here.
