@@ -26,7 +26,7 @@ from edgecompress.compress.calibration.store import StatsStore, model_fingerprin
 from edgecompress.compress.quant.formats import QuantScheme
 from edgecompress.compress.quant.gptq import GPTQConfig
 from edgecompress.compress.quant.modules import QuantLinear
-from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn
+from edgecompress.compress.quant.rtn import RTNConfig, apply_rtn, select
 from edgecompress.compress.quant.sequential import apply_awq, apply_gptq
 
 from .artifact import MANIFEST, Artifact, atomic_folder, update_manifest, write_manifest
@@ -83,6 +83,11 @@ def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> l
     if a is not None and a.hadamard:
         from edgecompress.compress.quant.rotation import rotate_linear_inputs_
 
+        for name, mod in model.named_modules():
+            if (type(mod) is nn.Linear and any(re.search(p, name) for p in a.hadamard)
+                    and not select(name, tuple(step.targets), tuple(step.ignore))):
+                raise RecipeError(f"activations.hadamard names {name}, which this step's targets/ignore leave "
+                                  "unquantized", hint="quantize every layer activations.hadamard names")
         rotated = rotate_linear_inputs_(model, a.hadamard)  # the weights now expect x R: quantize them right away
     if step.method == "gptq":
         cfg = _gptq_config(step)
@@ -95,9 +100,6 @@ def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> l
         records = [asdict(r) for r in apply_rtn(model, cfg)]
     for name, rot in rotated.items():
         mod = model.get_submodule(name)
-        if not isinstance(mod, QuantLinear):
-            raise RecipeError(f"activations.hadamard rotated {name}, which this step's targets/ignore leave "
-                              "unquantized", hint="quantize every layer activations.hadamard names")
         mod.rotation = rot
         records.append({"module": name, "input_rotation": rot.to_dict()})
     if a is not None:

@@ -190,3 +190,14 @@ def test_recipe_records_the_rotation_and_checks_on_ort(tmp_path):
     assert layers["model.layers.0.mlp.down_proj"]["format"].endswith("-hadamard")
     report = json.loads((run / "report.json").read_text())
     assert report["check"]["passed"] and report["check"]["perplexity_ratio"] < 1.2
+
+
+def test_recipe_refuses_a_rotated_layer_left_unquantized(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("hadamard: 'mlp\\.down_proj$'}}",
+                                     "hadamard: 'mlp\\.down_proj$'}, ignore: ['layers\\.1\\.mlp']}"))
+    assert "ignore: ['layers" in recipe.read_text()
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "-o", str(out), "--no-bench"]) != 0
+    assert "model.layers.1.mlp.down_proj" in capsys.readouterr().err
+    assert not (out / "tiny-llama-hadamard" / "q").exists()
