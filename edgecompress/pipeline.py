@@ -34,7 +34,7 @@ from .bench import bench_in_subprocess, peak_rss_mb
 from .check import apply_thresholds, evaluate
 from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_prompts, load_text, sentence_batches,
                    token_windows)
-from .errors import ArtifactError, EdgeCompressError, RecipeError
+from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
 from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
@@ -83,12 +83,9 @@ def _apply_quantize(model: nn.Module, step: QuantizeStep, ctx: StepContext) -> l
     if a is not None and a.hadamard:
         from edgecompress.compress.quant.rotation import rotate_linear_inputs_
 
-        for name, mod in model.named_modules():
-            if (type(mod) is nn.Linear and any(re.search(p, name) for p in a.hadamard)
-                    and not select(name, tuple(step.targets), tuple(step.ignore))):
-                raise RecipeError(f"activations.hadamard names {name}, which this step's targets/ignore leave "
-                                  "unquantized", hint="quantize every layer activations.hadamard names")
-        rotated = rotate_linear_inputs_(model, a.hadamard)  # the weights now expect x R: quantize them right away
+        # the weights now expect x R: quantize them right away
+        rotated = rotate_linear_inputs_(model, a.hadamard,
+                                        lambda name: select(name, tuple(step.targets), tuple(step.ignore)))
     if step.method == "gptq":
         cfg = _gptq_config(step)
         records = apply_gptq(model, ctx.windows, _scheme(step), cfg,

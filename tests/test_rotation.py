@@ -87,6 +87,11 @@ def test_rotation_refuses_tied_weights_and_patterns_matching_nothing(tiny_llama)
         rotate_linear_inputs_(model, ("lm_head",))
     with pytest.raises(EdgeCompressError, match="matches no float linear"):
         rotate_linear_inputs_(model, ("mlp.down_prj",))
+    # every check comes before any weight changes: a refused call leaves the model as it was
+    with pytest.raises(EdgeCompressError, match="leave unquantized"):
+        rotate_linear_inputs_(model, (r"mlp\.down_proj$",), lambda name: "layers.1." not in name)
+    for a, b in zip(model.parameters(), tiny_llama.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_recipe_hadamard_needs_rtn():

@@ -19,6 +19,7 @@ Pure core: :func:`hadamard`, :class:`HadamardRotation`. Thin adapter: :func:`rot
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -116,15 +117,18 @@ class HadamardRotation:
 
 
 @torch.no_grad()
-def rotate_linear_inputs_(model: nn.Module, patterns: tuple[str, ...]) -> dict[str, HadamardRotation]:
+def rotate_linear_inputs_(model: nn.Module, patterns: tuple[str, ...],
+                          quantized: Callable[[str], bool] = lambda _name: True) -> dict[str, HadamardRotation]:
     """Rotate the weights of the float ``nn.Linear`` layers whose names match any regex in ``patterns``
     (``W <- W R``) and return ``{name: rotation}``; each layer must then apply ``rotation`` to its input
-    (``QuantLinear.rotation``) before it runs again. A pattern matching no float linear is an error."""
-    out: dict[str, HadamardRotation] = {}
+    (``QuantLinear.rotation``) before it runs again. Everything is checked before any weight changes: a
+    pattern matching no float linear, a tied weight, an order without a Hadamard matrix, or a layer that
+    ``quantized(name)`` says the caller will leave unquantized is an error."""
     owners: dict[int, list[str]] = {}
     for n, m in model.named_modules():
         for param in m.parameters(recurse=False):
             owners.setdefault(id(param), []).append(n)
+    chosen: dict[str, tuple[nn.Linear, HadamardRotation]] = {}
     for p in patterns:
         hits = [(n, m) for n, m in model.named_modules() if re.search(p, n) and type(m) is nn.Linear]
         if not hits:
@@ -132,13 +136,14 @@ def rotate_linear_inputs_(model: nn.Module, patterns: tuple[str, ...]) -> dict[s
             raise EdgeCompressError(f"activations.hadamard pattern {p!r} matches no float linear layer",
                                     hint=f"linear layer names end in: {', '.join(names)}")
         for name, mod in hits:
-            if name in out:
-                continue
             shared = [o for o in owners[id(mod.weight)] if o != name]
             if shared:
                 raise EdgeCompressError(f"activations.hadamard: {name}'s weight is tied to {shared[0]}; rotating it "
                                         "would rotate both", hint=f"leave {name} out of activations.hadamard")
-            rot = HadamardRotation.of_size(mod.in_features)
-            mod.weight.data = (mod.weight.data.double() @ rot.matrix()).to(mod.weight.dtype)
-            out[name] = rot
-    return out
+            if not quantized(name):
+                raise EdgeCompressError(f"activations.hadamard names {name}, which this step's targets/ignore "
+                                        "leave unquantized", hint="quantize every layer activations.hadamard names")
+            chosen[name] = (mod, HadamardRotation.of_size(mod.in_features))
+    for mod, rot in chosen.values():
+        mod.weight.data = (mod.weight.data.double() @ rot.matrix()).to(mod.weight.dtype)
+    return {name: rot for name, (_, rot) in chosen.items()}
