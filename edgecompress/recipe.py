@@ -943,7 +943,8 @@ class ExportSpec(BaseModel):
         "calibration images from each layer's bias.")
     accuracy_level: AccuracyLevel = Field(
         4,
-        description="MatMulNBits accuracy_level, 0-4 (4 = int8 activations in the matmul on CPU).",
+        description="MatMulNBits accuracy_level, 0-4 (4 = int8 activations in the matmul on CPU: ONNX Runtime, and "
+        "format tvm on a CPU with AVX-512 VNNI; 0 = fp32 math).",
     )
     opset: StrictInt = Field(21, ge=17, description="ONNX opset version (>= 17).")
     fuse_qkv: StrictBool = Field(

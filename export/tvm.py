@@ -96,6 +96,23 @@ class _Converters:
         return relax.op.reshape(y, shape[:-1] + [n])
 
     @staticmethod
+    def matmul_nbits_int8(bb, inputs, attr, params):
+        """``edgecompress::MatMulNBitsInt8`` (made by :func:`.tvm_int8.use_int8_kernels`)."""
+        from tvm import relax
+
+        from . import tvm_kernels as kern
+
+        a, w, scales = inputs[:3]
+        zeros = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+        k, n, bits, block = (int(attr[x]) for x in ("K", "N", "bits", "block_size"))
+        a2, rows, shape = _as_rows(bb, a, k)
+        func = kern.matmul_nbits_int8(k, n, bits, block, zero_points=zeros is not None)
+        gv = bb.add_func(func, f"matmul_nbits_int8_k{k}_n{n}_b{bits}_g{block}{'_zp' if zeros is not None else ''}")
+        args = [a2, w, scales] + ([zeros] if zeros is not None else [])
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
+        return relax.op.reshape(y, shape[:-1] + [n])
+
+    @staticmethod
     def act_sparse_matmul_nbits(bb, inputs, attr, params):
         """``edgecompress::ActSparseMatMulNBits`` (made by :func:`.tvm_act_sparse.fuse_act_sparse`):
         the activation-sparse 4-bit kernel, rows flattened (prefill runs it once per row)."""
@@ -251,6 +268,7 @@ CONTRIB_CONVERTERS = {
     "SkipSimplifiedLayerNormalization": _Converters.skip_simplified_layer_norm,
     "GroupQueryAttention": _Converters.group_query_attention,
     "ActSparseMatMulNBits": _Converters.act_sparse_matmul_nbits,
+    "MatMulNBitsInt8": _Converters.matmul_nbits_int8,
 }
 
 
@@ -277,12 +295,13 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 
 def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = True,
-            parts: int = 2) -> tuple[onnx.ModelProto, list[str]]:
+            parts: int = 2, int8: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded
     (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
     inputs, Relax could not fold them and would recompute them every token. With ``act_sparse``,
     ``ActSparse`` -> 4-bit ``MatMulNBits`` pairs become the native activation-sparse kernel
-    (:mod:`.tvm_act_sparse`, ``parts`` threads).
+    (:mod:`.tvm_act_sparse`, ``parts`` threads). With ``int8`` (a CPU with VNNI), the other
+    ``MatMulNBits`` at ``accuracy_level`` 4 become the int8-activation kernel (:mod:`.tvm_int8`).
 
     Returns the model and the custom ops that run as their function bodies.
     """
@@ -309,6 +328,12 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
         if fused.sites:
             log.info("activation-sparse kernel for %d linears; %d of %d ActSparse sites keep the function body",
                      fused.linears, fused.function_body_sites, fused.sites)
+    if int8:
+        from .tvm_int8 import use_int8_kernels
+
+        done = use_int8_kernels(model)
+        if done.linears:
+            log.info("int8-activation (VNNI) kernel for %d MatMulNBits at accuracy level 4", done.linears)
     return _inplace_kv_interface(model), custom
 
 
@@ -424,7 +449,8 @@ def _native_kernels(model: onnx.ModelProto) -> dict[str, int]:
     from .tvm_act_sparse import FUSED
 
     names = {"MatMulNBits": "matmul_nbits", "GatherBlockQuantized": "gather_block_quantized",
-             FUSED: "act_sparse_matmul_nbits", "GroupQueryAttention": "attention"}
+             FUSED: "act_sparse_matmul_nbits", "MatMulNBitsInt8": "matmul_nbits_int8",
+             "GroupQueryAttention": "attention"}
     counts: dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type in names:
@@ -452,11 +478,12 @@ def _max_positions(model: onnx.ModelProto) -> int | None:
 
 
 def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None = None,
-                  threads: int | None = None, act_sparse: bool = True) -> dict[str, Any]:
+                  threads: int | None = None, act_sparse: bool = True, int8: bool | None = None) -> dict[str, Any]:
     """Compile the KV-cache decoder at ``onnx_path`` into ``dest`` (``model.so`` +
     ``params.safetensors``) for ``target`` (default: LLVM for ``mcpu``, default this machine's
     CPU); returns the manifest's ``tvm`` section: what the library needs to load (TVM version,
-    triple, CPU, calling convention) and what compiling it cost."""
+    triple, CPU, calling convention) and what compiling it cost. ``int8``: MatMulNBits at
+    accuracy level 4 on the int8-activation kernel (default: when the target CPU has VNNI)."""
     from safetensors.numpy import save_file
 
     from . import tvm_kernels as kern
@@ -465,7 +492,9 @@ def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None 
     model = onnx.load(str(onnx_path))
     layout = kv_layout(model)
     t0 = time.perf_counter()
-    prepared, custom = prepare(model, logits_to_keep=0, act_sparse=act_sparse, parts=threads or 2)
+    if int8 is None:
+        int8 = kern.has_vnni(target)
+    prepared, custom = prepare(model, logits_to_keep=0, act_sparse=act_sparse, parts=threads or 2, int8=int8)
     kernels = _native_kernels(prepared)
     layout["max_positions"] = _max_positions(prepared)
     mod, params = import_relax(prepared)

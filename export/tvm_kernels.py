@@ -5,7 +5,12 @@ Each kernel is a scheduled ``PrimFunc`` with a symbolic row count ``m`` (tokens)
 Relax does not fuse it into a neighbour (which would drop the schedule). Packed weights stay
 packed: the dequantization happens inside the inner loop, on 16-lane vectors.
 
-* :func:`matmul_nbits` — ``com.microsoft::MatMulNBits`` (4- or 8-bit codes, blocks along K,
+* :func:`matmul_nbits_int8` — MatMulNBits at ``accuracy_level`` 4 on a CPU with AVX-512 VNNI:
+  activations quantized to int8 per K-block, weights repacked into 16-output tiles, ``vpdpbusd``
+  byte dot products (see :mod:`.tvm_int8`).
+* :func:`act_sparse_matmul_nbits` — ``ActSparse`` feeding a 4-bit MatMulNBits: reads only the weight
+  rows of the inputs above their thresholds (see :mod:`.tvm_act_sparse`).
+* :func:`matmul_nbits` — ``com.microsoft::MatMulNBits`` in fp32 math (4- or 8-bit codes, blocks along K,
   optional zero points). The activation row is first deinterleaved per block (cheap: one row of
   K floats) so the 4-bit inner loop reads the low nibbles of 16 consecutive bytes against 16
   consecutive activations and the high nibbles against the next 16; the reduction is split into
@@ -250,6 +255,8 @@ def host() -> dict[str, str]:
 # ----------------------------------------------------------------------------- activation-sparse int4 GEMV
 
 SPARSE_LANES = 16  # bytes of one input channel's packed row read per vector step (32 outputs)
+PREFETCH_ROWS = 4  # active weight rows a thread prefetches ahead
+_LINE = 64  # cache line bytes
 
 
 def pack_act_sparse_nbits(b, scales, zero_points, k: int, n: int, block_size: int):
@@ -278,60 +285,85 @@ def pack_act_sparse_nbits(b, scales, zero_points, k: int, n: int, block_size: in
     return w, s, z
 
 
-def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2) -> tirx.PrimFunc:
+def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2,
+                            prefetch: int = PREFETCH_ROWS) -> tirx.PrimFunc:
     """``Y[m, :N] = dequant(W) @ where(|A[m]| > thr, A[m], 0)`` reading only the weights of active inputs.
 
     Arguments: ``A [m, K]`` float32, ``thr [K]`` float32, ``w [K, Np/2]`` uint8, ``scales [nb, Np]``,
     optional ``zeros [nb, Np]`` float32 (default 8), the layout of :func:`pack_act_sparse_nbits`. Per
-    row: a serial pass compacts the active channels (indices, values, where each K-block starts, the
-    block's sum of active values); then ``parts`` threads each own a contiguous range of outputs
-    and, per block with any active channel, accumulate ``x_k * code[k, :]`` over its active rows
-    (16-byte vectors: two nibbles -> 32 outputs), then add ``scale * (acc - zero * sum_x)``.
-    Inactive channels' weight rows are never read. ``m > 1`` (prefill) runs the same per row."""
+    row: a serial pass compacts the active channels (indices and values, where each K-block's
+    start in that list); then the list is cut into ``parts`` equal shares, one per thread, so each
+    thread streams whole contiguous weight rows of its own stretch of inputs (splitting the outputs
+    instead made both threads read half of every active row, a strided pattern that ran slower than
+    the dense kernel once the weights came from DRAM). Per block with an active channel in its share,
+    a thread accumulates ``x_k * code[k, :]`` over those rows (four rows per pass; 16-byte vectors:
+    two nibbles -> 32 outputs) into its own accumulator, then adds ``scale * (acc - zero * sum_x)``
+    to its own partial output; the partial outputs are summed at the end. Each thread prefetches
+    the weight row ``prefetch`` active channels ahead (``llvm.prefetch``): the hardware prefetchers
+    do not follow the gaps between active rows. Inactive channels' rows are never read. ``m > 1``
+    (prefill) runs the same per row."""
     from tvm.script import tirx as T
-
     nb = -(-k // block_size)
     step = 2 * SPARSE_LANES
     chunks = -(-n // step)
     npad = chunks * step
-    parts = max(1, min(parts, chunks))
     half = SPARSE_LANES
+    rowb = npad // 2
+    parts = max(1, parts)
+    lines = -(-rowb // _LINE)
+
+    @T.macro
+    def pf(w, row):
+        for l in T.serial(lines):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[row, l * _LINE]),
+                                          T.int32(0), T.int32(3), T.int32(1)))
 
     @T.macro
     def body(a, thr, w, s, z, y, m):
-        idx = T.alloc_buffer((k,), "int32")
+        idx = T.alloc_buffer((k + prefetch,), "int32")
         xa = T.alloc_buffer((k,), "float32")
+        blk = T.alloc_buffer((k,), "int32")
         start = T.alloc_buffer((nb + 1,), "int32")
-        xsum = T.alloc_buffer((nb,), "float32")
-        acc = T.alloc_buffer((npad,), "float32")
-        out = T.alloc_buffer((npad,), "float32")
+        acc = T.alloc_buffer((parts, npad), "float32")
+        out = T.alloc_buffer((parts, npad), "float32")
         cnt = T.alloc_buffer((1,), "int32")
         for r in T.serial(m):
             cnt[0] = 0
             for bi in T.serial(nb):
                 start[bi] = cnt[0]
-                xsum[bi] = T.float32(0)
                 for j in T.serial(block_size):
                     if bi * block_size + j < k:
                         kk = bi * block_size + j
                         v = a[r, kk]
-                        on = T.abs(v) > thr[kk]
                         idx[cnt[0]] = kk
                         xa[cnt[0]] = v
-                        xsum[bi] = xsum[bi] + T.Select(on, v, T.float32(0))
-                        cnt[0] = cnt[0] + T.Cast("int32", on)
+                        cnt[0] = cnt[0] + T.Cast("int32", T.abs(v) > thr[kk])
             start[nb] = cnt[0]
+            for e in T.serial(prefetch):
+                idx[cnt[0] + e] = idx[T.max(cnt[0] - 1, 0)]
             for p in T.parallel(parts):
-                for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                for c in T.serial(chunks):
                     for lane in T.vectorized(step):
-                        out[c * step + lane] = T.float32(0)
+                        out[p, c * step + lane] = T.float32(0)
+                lo = p * cnt[0] // parts
+                hi = (p + 1) * cnt[0] // parts
+                if hi > lo:
+                    for e in T.serial(prefetch):
+                        pf(w, idx[lo + e])
                 for bi in T.serial(nb):
-                    if start[bi + 1] > start[bi]:
-                        for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                    b0 = T.max(start[bi], lo)
+                    b1 = T.min(start[bi + 1], hi)
+                    if b1 > b0:
+                        xs = T.alloc_buffer((1,), "float32", scope="local")
+                        xs[0] = T.float32(0)
+                        for c in T.serial(chunks):
                             for lane in T.vectorized(step):
-                                acc[c * step + lane] = T.float32(0)
-                        for q in T.serial((start[bi + 1] - start[bi]) // 4):  # four active rows per pass
-                            j0 = start[bi] + q * 4
+                                acc[p, c * step + lane] = T.float32(0)
+                        for q in T.serial((b1 - b0) // 4):
+                            j0 = b0 + q * 4
+                            for e in T.serial(4):
+                                if j0 + e + prefetch < hi:
+                                    pf(w, idx[j0 + e + prefetch])
                             r0 = idx[j0]
                             r1 = idx[j0 + 1]
                             r2 = idx[j0 + 2]
@@ -340,39 +372,48 @@ def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: boo
                             x1 = xa[j0 + 1]
                             x2 = xa[j0 + 2]
                             x3 = xa[j0 + 3]
-                            for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                            xs[0] = xs[0] + x0 + x1 + x2 + x3
+                            for c in T.serial(chunks):
                                 for lane in T.vectorized(half):
-                                    acc[c * step + lane] = acc[c * step + lane] + (
+                                    acc[p, c * step + lane] = acc[p, c * step + lane] + (
                                         x0 * T.Cast("float32", T.bitwise_and(w[r0, c * half + lane], T.uint8(15)))
                                         + x1 * T.Cast("float32", T.bitwise_and(w[r1, c * half + lane], T.uint8(15)))
                                         + x2 * T.Cast("float32", T.bitwise_and(w[r2, c * half + lane], T.uint8(15)))
                                         + x3 * T.Cast("float32", T.bitwise_and(w[r3, c * half + lane], T.uint8(15))))
-                                    acc[c * step + half + lane] = acc[c * step + half + lane] + (
+                                    acc[p, c * step + half + lane] = acc[p, c * step + half + lane] + (
                                         x0 * T.Cast("float32", T.shift_right(w[r0, c * half + lane], T.uint8(4)))
                                         + x1 * T.Cast("float32", T.shift_right(w[r1, c * half + lane], T.uint8(4)))
                                         + x2 * T.Cast("float32", T.shift_right(w[r2, c * half + lane], T.uint8(4)))
                                         + x3 * T.Cast("float32", T.shift_right(w[r3, c * half + lane], T.uint8(4))))
-                        for jj in T.serial(start[bi] + (start[bi + 1] - start[bi]) // 4 * 4, start[bi + 1]):
+                        for jj in T.serial(b0 + (b1 - b0) // 4 * 4, b1):
+                            if jj + prefetch < hi:
+                                pf(w, idx[jj + prefetch])
                             row = idx[jj]
                             xv = xa[jj]
-                            for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                            xs[0] = xs[0] + xv
+                            for c in T.serial(chunks):
                                 for lane in T.vectorized(half):
-                                    acc[c * step + lane] = acc[c * step + lane] + xv * T.Cast(
+                                    acc[p, c * step + lane] = acc[p, c * step + lane] + xv * T.Cast(
                                         "float32", T.bitwise_and(w[row, c * half + lane], T.uint8(15)))
-                                    acc[c * step + half + lane] = acc[c * step + half + lane] + xv * T.Cast(
+                                    acc[p, c * step + half + lane] = acc[p, c * step + half + lane] + xv * T.Cast(
                                         "float32", T.shift_right(w[row, c * half + lane], T.uint8(4)))
-                        for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
+                        for c in T.serial(chunks):
                             for lane in T.vectorized(step):
                                 if zero_points:
-                                    out[c * step + lane] = out[c * step + lane] + s[bi, c * step + lane] * (
-                                        acc[c * step + lane] - z[bi, c * step + lane] * xsum[bi])
+                                    out[p, c * step + lane] = out[p, c * step + lane] + s[bi, c * step + lane] * (
+                                        acc[p, c * step + lane] - z[bi, c * step + lane] * xs[0])
                                 else:
-                                    out[c * step + lane] = out[c * step + lane] + s[bi, c * step + lane] * (
-                                        acc[c * step + lane] - T.float32(8) * xsum[bi])
-                for c in T.serial(p * chunks // parts, (p + 1) * chunks // parts):
-                    for lane in T.serial(step):
-                        if c * step + lane < n:
-                            y[r, c * step + lane] = out[c * step + lane]
+                                    out[p, c * step + lane] = out[p, c * step + lane] + s[bi, c * step + lane] * (
+                                        acc[p, c * step + lane] - T.float32(8) * xs[0])
+            for c in T.serial(chunks):
+                for lane in T.vectorized(step):
+                    acc[0, c * step + lane] = out[0, c * step + lane]
+                for pp in T.serial(1, parts):
+                    for lane in T.vectorized(step):
+                        acc[0, c * step + lane] = acc[0, c * step + lane] + out[pp, c * step + lane]
+                for lane in T.serial(step):
+                    if c * step + lane < n:
+                        y[r, c * step + lane] = acc[0, c * step + lane]
 
     if zero_points:
         @T.prim_func(private=True)
@@ -392,4 +433,155 @@ def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: boo
             a = T.match_buffer(var_a, (m, k), "float32")
             y = T.match_buffer(var_y, (m, n), "float32")
             body(a, thr, w, s, s, y, m)
+    return _finish(func)
+
+
+# ----------------------------------------------------------------------------- int8-activation GEMV (AVX-512 VNNI)
+
+VNNI_TILE = 16  # outputs per int32x16 accumulator
+VNNI_FEATURES = ("avx512vnni", "avx512bw")
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """Whether ``target``'s CPU has the AVX-512 VNNI byte dot product (``vpdpbusd``) the int8 kernels use."""
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features(list(VNNI_FEATURES), target))
+
+
+def pack_nbits_int8(b, scales, zero_points, k: int, n: int, bits: int, block_size: int):
+    """MatMulNBits' ``B [N, n_blocks, block*bits/8]`` (+ ``scales [N * n_blocks]``, optional
+    ``zero_points``) in the layout of :func:`matmul_nbits_int8`: returns ``(w, scales [nt, nb, 16]
+    float32, zeros [nt, nb, 16] float32 or None)``, ``nt = ceil(N / 16)`` tiles of 16 outputs.
+
+    ``w [nt, nb, block/8 or block/4, 64]`` uint8: for a tile, a block and a step, 16 outputs x 4
+    bytes, byte ``(o, q)`` holding output ``o``'s code for input ``4s + q`` (8-bit: one step per 4
+    inputs) or, 4-bit, its codes for inputs ``8s + q`` (low nibble) and ``8s + 4 + q`` (high nibble):
+    one 64-byte load feeds ``vpdpbusd`` directly (8-bit) or after a mask and a shift (4-bit), still
+    ``bits`` per weight. Padded outputs get scale 0; padded inputs meet zero activations."""
+    import numpy as np
+
+    nb = -(-k // block_size)
+    nt = -(-n // VNNI_TILE)
+    zero = 8 if bits == 4 else 128
+    b = np.asarray(b, np.uint8).reshape(n, nb, block_size * bits // 8)
+    codes = np.stack([b & 15, b >> 4], -1).reshape(n, nb * block_size) if bits == 4 else b.reshape(n, nb * block_size)
+    codes = np.concatenate([codes, np.full((nt * VNNI_TILE - n, nb * block_size), zero, np.uint8)])
+    if bits == 4:
+        c = codes.reshape(nt, VNNI_TILE, nb, block_size // 8, 2, 4)  # [t, o, b, step, nibble, q]
+        w = (c[:, :, :, :, 0, :] | (c[:, :, :, :, 1, :] << 4)).transpose(0, 2, 3, 1, 4)
+    else:
+        w = codes.reshape(nt, VNNI_TILE, nb, block_size // 4, 4).transpose(0, 2, 3, 1, 4)
+    w = np.ascontiguousarray(w).reshape(nt, nb, -1, 4 * VNNI_TILE)
+
+    def tiles(per_output):  # [N, nb] -> [nt, nb, 16]
+        return np.ascontiguousarray(per_output.reshape(nt, VNNI_TILE, nb).transpose(0, 2, 1))
+
+    s = np.zeros((nt * VNNI_TILE, nb), np.float32)
+    s[:n] = np.asarray(scales, np.float32).reshape(n, nb)
+    z = None
+    if zero_points is not None:
+        zp = np.asarray(zero_points, np.uint8).reshape(n, -1)
+        zz = np.full((nt * VNNI_TILE, nb), float(zero), np.float32)
+        zz[:n] = (np.stack([zp & 15, zp >> 4], -1).reshape(n, -1) if bits == 4 else zp)[:, :nb]
+        z = tiles(zz)
+    return w, tiles(s), z
+
+
+def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points: bool) -> tirx.PrimFunc:
+    """``Y[m, :N] = A[m] @ dequant(B).T`` with the activations quantized to int8, as ONNX Runtime's
+    MatMulNBits does at ``accuracy_level`` 4: per row and K-block, ``a_q = round(a * 127 / max|a|)``;
+    per output and block, ``(sum_k code * a_q - zero * sum_k a_q) * scale * max|a| / 127``.
+
+    Arguments: ``A [m, K]`` float32 and the layout of :func:`pack_nbits_int8`. A serial pass per row
+    quantizes the activations (four int8 values packed per int32); then the tiles of 16 outputs
+    are split between the threads, and per block each tile accumulates ``vpdpbusd`` (AVX-512 VNNI:
+    64 unsigned-code x signed-activation byte products into 16 int32 lanes per instruction; 4-bit
+    codes need one mask or shift per 64 bytes) before one float multiply-add per block. Needs a
+    target with :data:`VNNI_FEATURES` (:func:`has_vnni`)."""
+    from tvm.script import tirx as T
+
+    if bits not in (4, 8):
+        raise NotImplementedError(f"int8 MatMulNBits kernel: {bits}-bit codes (4 and 8 are supported)")
+    nb = -(-k // block_size)
+    nt = -(-n // VNNI_TILE)
+    quads = block_size // 4
+    steps = block_size // 8 if bits == 4 else quads
+    lanes = VNNI_TILE
+    zero = 8.0 if bits == 4 else 128.0
+
+    @T.macro
+    def dot(acc, codes, act):
+        acc[T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[T.ramp(0, 1, lanes)],
+            T.reinterpret("int8x64", codes), T.reinterpret("int8x64", T.broadcast(act, lanes)))
+
+    @T.macro
+    def body(a, w, s, z, y, m):
+        aq = T.alloc_buffer((nb, quads), "int32")
+        sa = T.alloc_buffer((nb,), "float32")
+        qs = T.alloc_buffer((nb,), "float32")
+        amax = T.alloc_buffer((1,), "float32")
+        qsum = T.alloc_buffer((1,), "int32")
+        for r in T.serial(m):
+            for bi in T.serial(nb):
+                amax[0] = T.float32(0)
+                for i in T.serial(block_size):
+                    if bi * block_size + i < k:
+                        amax[0] = T.max(amax[0], T.abs(a[r, bi * block_size + i]))
+                sa[bi] = amax[0] / T.float32(127)
+                qsum[0] = 0
+                for q in T.serial(quads):
+                    packed = T.uint32(0)
+                    for e in T.unroll(4):
+                        kk = bi * block_size + q * 4 + e
+                        v = T.Select(kk < k, a[r, T.min(kk, k - 1)], T.float32(0))
+                        qv = T.Select(amax[0] > T.float32(0), T.Cast("int32", T.round(
+                            v * (T.float32(127) / T.max(amax[0], T.float32(1e-30))))), 0)
+                        qsum[0] = qsum[0] + qv
+                        packed = packed | T.shift_left(T.Cast("uint32", T.bitwise_and(qv, 255)), T.uint32(8 * e))
+                    aq[bi, q] = T.reinterpret("int32", packed)
+                qs[bi] = T.Cast("float32", qsum[0])
+            for t in T.parallel(nt):
+                accf = T.alloc_buffer((lanes,), "float32", scope="local")
+                acci = T.alloc_buffer((lanes,), "int32", scope="local")
+                accf[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                for bi in T.serial(nb):
+                    acci[T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    for j in T.serial(steps):
+                        wv = w[t, bi, j, T.ramp(0, 1, 4 * lanes)]
+                        if bits == 4:
+                            dot(acci, T.bitwise_and(wv, T.broadcast(T.uint8(15), 4 * lanes)), aq[bi, 2 * j])
+                            dot(acci, T.shift_right(wv, T.broadcast(T.uint8(4), 4 * lanes)), aq[bi, 2 * j + 1])
+                        else:
+                            dot(acci, wv, aq[bi, j])
+                    if zero_points:
+                        zv = z[t, bi, T.ramp(0, 1, lanes)] * T.broadcast(qs[bi], lanes)
+                    else:
+                        zv = T.broadcast(T.float32(zero) * qs[bi], lanes)
+                    accf[T.ramp(0, 1, lanes)] = accf[T.ramp(0, 1, lanes)] + (
+                        T.Cast("float32x16", acci[T.ramp(0, 1, lanes)]) - zv) * s[t, bi, T.ramp(0, 1, lanes)] * (
+                        T.broadcast(sa[bi], lanes))
+                for o in T.serial(lanes):
+                    if t * lanes + o < n:
+                        y[r, t * lanes + o] = accf[o]
+
+    if zero_points:
+        @T.prim_func(private=True)
+        def func(var_a: T.handle, w: T.Buffer((nt, nb, steps, 4 * lanes), "uint8"),
+                 s: T.Buffer((nt, nb, lanes), "float32"), z: T.Buffer((nt, nb, lanes), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, k), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(a, w, s, z, y, m)
+    else:
+        @T.prim_func(private=True)
+        def func(var_a: T.handle, w: T.Buffer((nt, nb, steps, 4 * lanes), "uint8"),
+                 s: T.Buffer((nt, nb, lanes), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, k), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(a, w, s, s, y, m)
     return _finish(func)

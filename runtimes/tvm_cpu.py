@@ -78,10 +78,11 @@ def _cache_key(artifact: Artifact) -> str:
         onnx_files = {artifact.onnx_path.name: hashlib.sha256(artifact.onnx_path.read_bytes()).hexdigest()}
     import edgecompress.export.tvm as compiler
     import edgecompress.export.tvm_act_sparse as act_sparse
+    import edgecompress.export.tvm_int8 as int8
     import edgecompress.export.tvm_kernels as kernels
 
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                   for m in (compiler, kernels, act_sparse))).hexdigest()
+                                   for m in (compiler, kernels, act_sparse, int8))).hexdigest()
     blob = json.dumps({"onnx": onnx_files, "host": host(), "interface": INTERFACE, "compiler": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

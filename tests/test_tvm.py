@@ -1,8 +1,10 @@
 """TVM compilation: native kernels against NumPy references, converters against ONNX Runtime.
 
 The kernels are checked on awkward shapes (K not a multiple of the block, zero points, 8-bit
-codes, one and several rows); the whole-decoder converters on the tiny Llama's fp32 artifact
-(exact) and int4 artifact (against ORT's MatMulNBits at accuracy level 0, i.e. fp32 math).
+codes, one and several rows; the int8-activation kernel against a NumPy emulation of its integer
+math, on CPUs with VNNI); the whole-decoder converters on the tiny Llama's fp32 artifact (exact)
+and int4 artifact (fp32 kernels against ORT's MatMulNBits at accuracy level 0, i.e. fp32 math;
+int8 kernels against ORT at level 4).
 """
 
 from __future__ import annotations
@@ -59,6 +61,57 @@ def test_matmul_nbits_kernel_matches_numpy(k, n, bits, block, m, zero_points):
     args = [a, b, scales] + ([zp] if zp is not None else []) + [np.zeros((m, n), np.float32)]
     y = _run(kern.matmul_nbits(k, n, bits, block, zero_points=zero_points), args)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _int8_reference(a, b, scales, zp, k, n, bits, block):
+    """MatMulNBits at accuracy level 4 in NumPy: activations quantized to int8 per row and K-block
+    (scale max|a| / 127, round half to even), integer dot products with the codes, then the scales."""
+    nb = -(-k // block)
+    ab = np.zeros((a.shape[0], nb * block), np.float32)
+    ab[:, :k] = a
+    ab = ab.reshape(a.shape[0], nb, block)
+    amax = np.abs(ab).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.maximum(amax, np.float32(1e-30)), 0).astype(np.float32)
+    q = np.rint(ab * inv[..., None]).astype(np.int64)
+    if bits == 4:
+        codes = np.stack([b & 15, b >> 4], -1).reshape(n, nb, block).astype(np.int64)
+        z = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :nb] if zp is not None else np.full((n, nb), 8)
+    else:
+        codes = b.reshape(n, nb, block).astype(np.int64)
+        z = zp if zp is not None else np.full((n, nb), 128)
+    dot = np.einsum("mbi,nbi->mnb", q, codes) - z[None].astype(np.int64) * q.sum(-1)[:, None, :]
+    return (dot.astype(np.float32) * scales.reshape(n, nb)[None] * (amax / np.float32(127))[:, None, :]).sum(-1)
+
+
+needs_vnni = pytest.mark.skipif(not kern.has_vnni(kern.target_llvm()), reason="this CPU has no AVX-512 VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("k,n,bits,block,m,zero_points", [
+    (64, 48, 4, 32, 1, False),
+    (96, 40, 4, 64, 3, True),      # K padded to 2 blocks; N not a multiple of the 16-output tile
+    (80, 24, 8, 32, 2, False),     # 8-bit codes, K padded
+    (128, 16, 8, 64, 1, True),
+    (576, 33, 4, 128, 5, False),
+    (1536, 576, 4, 128, 1, True),  # SmolLM2's down_proj
+    (576, 200, 8, 64, 1, False),   # the int8 head's shape, fewer rows
+])
+def test_int8_activation_kernel_matches_numpy(k, n, bits, block, m, zero_points):
+    rng = np.random.default_rng(k + n + m + bits)
+    nb = -(-k // block)
+    b = rng.integers(0, 256, (n, nb, block * bits // 8)).astype(np.uint8)
+    scales = rng.random(n * nb).astype(np.float32)
+    zp = rng.integers(0, 256, (n, (nb + 1) // 2 if bits == 4 else nb)).astype(np.uint8) if zero_points else None
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    a[-1, :block] = 0  # a block of zeros (scale 0)
+    w, s, z = kern.pack_nbits_int8(b, scales, zp, k, n, bits, block)
+    assert w.nbytes == -(-n // 16) * 16 * nb * block * bits // 8  # still `bits` per weight
+    args = [a, w, s] + ([z] if z is not None else []) + [np.full((m, n), np.nan, np.float32)]
+    y = _run(kern.matmul_nbits_int8(k, n, bits, block, zero_points=zero_points), args)
+    ref = _int8_reference(a, b, scales, zp, k, n, bits, block)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    exact = _nbits_reference(a, b, scales, zp, k, n, bits, block)  # int8 activations: ~1% of the fp32 result
+    assert np.abs(y - exact).max() < 0.03 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -145,13 +198,14 @@ def _ort_decoder(path, accuracy_level=None):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _compare(artifact, tmp_path, accuracy_level, tol):
+def _compare(artifact, tmp_path, accuracy_level, tol, int8=False):
     """Prefill then two decode steps through the library's in-place cache views, against ORT's
     logits and present KV cache (ORT's [1, kv, T, d] vs the library's position-major rows)."""
     from safetensors.numpy import load_file
     from tvm import relax
 
-    info = tvm_export.build_decoder(artifact / "model.onnx", tmp_path / "lib", threads=2)
+    info = tvm_export.build_decoder(artifact / "model.onnx", tmp_path / "lib", threads=2, int8=int8)
+    assert (info["kernels"].get("matmul_nbits_int8", 0) > 0) == int8
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "lib" / "model.so")), tvm.cpu())
     stored = load_file(str(tmp_path / "lib" / "params.safetensors"))
     params = [tvm.runtime.tensor(stored[k], tvm.cpu()) for k in sorted(stored)]
@@ -173,7 +227,8 @@ def _compare(artifact, tmp_path, accuracy_level, tol):
         assert (logits.argmax(-1) == ref[0].argmax(-1)).all()
         cache = {p.name: r for p, r in zip(pasts, ref[1:])}
         for b, r in zip(buffers, ref[1:]):
-            np.testing.assert_allclose(b.numpy()[:width].transpose(1, 0, 2)[None], r, atol=1e-4)
+            np.testing.assert_allclose(b.numpy()[:width].transpose(1, 0, 2)[None], r,
+                                       atol=tol * np.abs(r).max() if int8 else 1e-4)
 
 
 def test_fp32_decoder_on_tvm_equals_ort(tiny_artifacts, tmp_path):
@@ -184,6 +239,14 @@ def test_int4_decoder_on_tvm_equals_ort_fp32_math(tiny_artifacts, tmp_path):
     """MatMulNBits + GatherBlockQuantized through the native kernels: equal to ORT's fp32-compute
     MatMulNBits (accuracy level 0; level 4 quantizes activations to int8 and differs by design)."""
     _compare(tiny_artifacts / "int4", tmp_path, 0, 1e-4)
+
+
+@needs_vnni
+def test_int4_decoder_on_tvm_int8_kernels_matches_ort_level_4(tiny_artifacts, tmp_path):
+    """The same artifact with the int8-activation kernels (the default on a VNNI CPU): against ORT's
+    MatMulNBits at the artifact's accuracy level 4, which quantizes activations to int8 too (its
+    rounding differs in details, hence the looser bound), top-1 equal at every position."""
+    _compare(tiny_artifacts / "int4", tmp_path, 4, 2e-2, int8=True)
 
 
 def test_unsupported_op_names_node_and_suggests_ort(tmp_path):
