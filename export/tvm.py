@@ -123,9 +123,12 @@ class _Converters:
         x, thr, w, scales = inputs[:4]
         zeros = inputs[4] if len(inputs) > 4 and inputs[4] is not None else None
         k, n, block, parts = (int(attr[a]) for a in ("K", "N", "block_size", "parts"))
+        int8 = bool(int(attr.get("int8", 0)))
         x2, rows, shape = _as_rows(bb, x, k)
-        func = kern.act_sparse_matmul_nbits(k, n, block, zero_points=zeros is not None, parts=parts)
-        gv = bb.add_func(func, f"act_sparse_matmul_nbits_k{k}_n{n}_g{block}{'_zp' if zeros is not None else ''}")
+        make = kern.act_sparse_matmul_nbits_int8 if int8 else kern.act_sparse_matmul_nbits
+        func = make(k, n, block, zero_points=zeros is not None, parts=parts)
+        gv = bb.add_func(func, f"act_sparse_matmul_nbits{'_int8' if int8 else ''}_k{k}_n{n}_g{block}"
+                               f"{'_zp' if zeros is not None else ''}")
         args = [x2, thr, w, scales] + ([zeros] if zeros is not None else [])
         y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
         return relax.op.reshape(y, shape[:-1] + [n])
@@ -300,8 +303,9 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
     (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
     inputs, Relax could not fold them and would recompute them every token. With ``act_sparse``,
     ``ActSparse`` -> 4-bit ``MatMulNBits`` pairs become the native activation-sparse kernel
-    (:mod:`.tvm_act_sparse`, ``parts`` threads). With ``int8`` (a CPU with VNNI), the other
-    ``MatMulNBits`` at ``accuracy_level`` 4 become the int8-activation kernel (:mod:`.tvm_int8`).
+    (:mod:`.tvm_act_sparse`, ``parts`` threads). With ``int8`` (a CPU with VNNI), ``MatMulNBits``
+    at ``accuracy_level`` 4 run int8-activation kernels: the activation-sparse one after an
+    ActSparse, :mod:`.tvm_int8`'s dense one elsewhere.
 
     Returns the model and the custom ops that run as their function bodies.
     """
@@ -322,7 +326,7 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
     if act_sparse:
         from .tvm_act_sparse import fuse_act_sparse
 
-        fused = fuse_act_sparse(model, parts=parts)
+        fused = fuse_act_sparse(model, parts=parts, int8=int8)
         if fused.sites and not fused.function_body_sites:
             custom = [c for c in custom if c != "edgecompress::ActSparse"]
         if fused.sites:
@@ -454,7 +458,10 @@ def _native_kernels(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type in names:
-            counts[names[n.op_type]] = counts.get(names[n.op_type], 0) + 1
+            name = names[n.op_type]
+            if n.op_type == FUSED and any(a.name == "int8" and a.i for a in n.attribute):
+                name += "_int8"
+            counts[name] = counts.get(name, 0) + 1
     return counts
 
 

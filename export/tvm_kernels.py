@@ -25,6 +25,8 @@ NumPy references for every kernel live in the tests (:mod:`tests.test_tvm`).
 
 from __future__ import annotations
 
+import os
+
 import tvm
 from tvm import s_tir, te, tirx
 
@@ -227,6 +229,20 @@ def attention_values(kv_heads: int, head_dim: int) -> tirx.PrimFunc:
     sch.vectorize(lane)
     sch.decompose_reduction(blk, jj)
     return _finish(sch.mod["main"])
+
+
+def set_threads(threads: int | None) -> int:
+    """Run TVM's parallel loops on ``threads`` threads (None: every CPU this process may use);
+    returns the count. TVM sizes its thread pool once, when it first starts, from ``TVM_NUM_THREADS``
+    or else its own count of physical cores, which is 1 on this 2-vCPU machine: ``config_threadpool``
+    alone then cannot go above one thread, and every "2-thread" TVM number measured before this
+    existed ran on one. So the pool is sized here, before it starts (a ``TVM_NUM_THREADS`` the user
+    set is kept), then set to ``threads``."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("TVM_NUM_THREADS", str(cpus))
+    n = int(threads) if threads else cpus
+    tvm.get_global_func("runtime.config_threadpool")(0, n)
+    return n
 
 
 def target_llvm(mcpu: str | None = None, threads: int | None = None) -> tvm.target.Target:
@@ -545,16 +561,21 @@ def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points
             for t in T.parallel(nt):
                 accf = T.alloc_buffer((lanes,), "float32", scope="local")
                 acci = T.alloc_buffer((lanes,), "int32", scope="local")
+                acc2 = T.alloc_buffer((lanes,), "int32", scope="local")  # a second chain: vpdpbusd's latency
                 accf[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
                 for bi in T.serial(nb):
                     acci[T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                    for j in T.serial(steps):
-                        wv = w[t, bi, j, T.ramp(0, 1, 4 * lanes)]
-                        if bits == 4:
+                    acc2[T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    if bits == 4:
+                        for j in T.serial(steps):
+                            wv = w[t, bi, j, T.ramp(0, 1, 4 * lanes)]
                             dot(acci, T.bitwise_and(wv, T.broadcast(T.uint8(15), 4 * lanes)), aq[bi, 2 * j])
-                            dot(acci, T.shift_right(wv, T.broadcast(T.uint8(4), 4 * lanes)), aq[bi, 2 * j + 1])
-                        else:
-                            dot(acci, wv, aq[bi, j])
+                            dot(acc2, T.shift_right(wv, T.broadcast(T.uint8(4), 4 * lanes)), aq[bi, 2 * j + 1])
+                    else:
+                        for j in T.serial(steps // 2):
+                            dot(acci, w[t, bi, 2 * j, T.ramp(0, 1, 4 * lanes)], aq[bi, 2 * j])
+                            dot(acc2, w[t, bi, 2 * j + 1, T.ramp(0, 1, 4 * lanes)], aq[bi, 2 * j + 1])
+                    acci[T.ramp(0, 1, lanes)] = acci[T.ramp(0, 1, lanes)] + acc2[T.ramp(0, 1, lanes)]
                     if zero_points:
                         zv = z[t, bi, T.ramp(0, 1, lanes)] * T.broadcast(qs[bi], lanes)
                     else:
@@ -584,4 +605,200 @@ def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points
             a = T.match_buffer(var_a, (m, k), "float32")
             y = T.match_buffer(var_y, (m, n), "float32")
             body(a, w, s, s, y, m)
+    return _finish(func)
+
+
+SPARSE_INT8_CHUNK = 64  # outputs per 32 bytes of an input-major row (int8 sparse kernel)
+
+
+def pack_act_sparse_int8(b, scales, zero_points, k: int, n: int, block: int):
+    """MatMulNBits' 4-bit weights in the input-major layout of :func:`act_sparse_matmul_nbits_int8`:
+    ``(w [K, Np/2] uint8, scales [nb, Np], zeros [nb, Np] or None)``, ``Np = N`` rounded up to 64. In
+    row ``k``, byte ``c*32 + l`` holds output ``c*64 + l`` (low nibble) and ``c*64 + 32 + l`` (high):
+    32 bytes of a row are 64 outputs, so four rows' 32 bytes make the four ``vpdpbusd`` operands of
+    64 outputs after one byte permutation each."""
+    import numpy as np
+
+    nb = -(-k // block)
+    npad = -(-n // SPARSE_INT8_CHUNK) * SPARSE_INT8_CHUNK
+    b = np.asarray(b, np.uint8).reshape(n, nb, block // 2)
+    codes = np.stack([b & 15, b >> 4], -1).reshape(n, nb * block)[:, :k]
+    codes = np.concatenate([codes, np.full((npad - n, k), 8, np.uint8)]).T.reshape(k, npad // SPARSE_INT8_CHUNK, 2, 32)
+    w = np.ascontiguousarray(codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).reshape(k, npad // 2)
+    s = np.zeros((nb, npad), np.float32)
+    s[:, :n] = np.asarray(scales, np.float32).reshape(n, nb).T
+    z = None
+    if zero_points is not None:
+        zp = np.asarray(zero_points, np.uint8).reshape(n, -1)
+        z = np.full((nb, npad), 8.0, np.float32)
+        z[:, :n] = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :nb].T
+    return w, s, z
+
+
+def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2,
+                                 prefetch: int = 2 * PREFETCH_ROWS) -> tirx.PrimFunc:
+    """:func:`act_sparse_matmul_nbits` with the activations quantized to int8 and VNNI dot products:
+    ``ActSparse`` then MatMulNBits at ``accuracy_level`` 4 (each K-block's active values quantized
+    with scale ``max|active| / 127``, as ORT quantizes the sparsified input).
+
+    Arguments: ``A [m, K]``, ``thr [K]`` and the layout of :func:`pack_act_sparse_int8`. Per row, a
+    serial pass compacts each block's active channels (branch-free), pads the block's list to a
+    multiple of four with its last row at value 0 (already fetched, so no extra reads) and packs the
+    quantized values four per int32. The list is cut into ``parts`` shares (multiples of four) and
+    each thread, for four active rows at a time, loads 32 bytes of each per 64 outputs, unpacks
+    the nibbles, interleaves the four rows' codes with one byte permutation per 16 outputs
+    (``vpermt2b``) and accumulates ``vpdpbusd`` against the four broadcast activations into int32
+    partial sums, flushed to float with the scales at the end of each block; it prefetches the rows
+    ``prefetch`` list entries ahead, spread over the chunks. Needs :data:`VNNI_FEATURES`."""
+    from tvm.script import tirx as T
+    nb = -(-k // block_size)
+    chunks = -(-n // SPARSE_INT8_CHUNK)
+    npad = chunks * SPARSE_INT8_CHUNK
+    rowb = npad // 2
+    lines = -(-rowb // _LINE)
+    cap = k + 4 * nb + 4 * parts + prefetch  # compact list with each block padded to a multiple of 4
+    quads_cap = cap // 4 + 1
+    interleave = [[l + 16 * h + 32 * i for l in range(16) for i in range(4)] for h in range(2)]
+
+    @T.macro
+    def pf(w, row):
+        for l in T.serial(lines):
+            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[row, l * _LINE]),
+                                          T.int32(0), T.int32(3), T.int32(1)))
+
+    @T.macro
+    def dot(acc, p, base, codes, act):
+        acc[p, T.ramp(base, 1, 16)] = T.call_llvm_pure_intrin(
+            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[p, T.ramp(base, 1, 16)],
+            T.reinterpret("int8x64", codes), T.reinterpret("int8x64", T.broadcast(act, 16)))
+
+    @T.macro
+    def body(a, thr, w, s, z, y, m):
+        idx = T.alloc_buffer((cap,), "int32")
+        xq = T.alloc_buffer((quads_cap,), "int32")
+        start = T.alloc_buffer((nb + 1,), "int32")
+        sa = T.alloc_buffer((nb,), "float32")
+        acc = T.alloc_buffer((parts, npad), "int32")
+        out = T.alloc_buffer((parts, npad), "float32")
+        cnt = T.alloc_buffer((1,), "int32")
+        real = T.alloc_buffer((1,), "int32")
+        amax = T.alloc_buffer((1,), "float32")
+        inv = T.alloc_buffer((1,), "float32")
+        xval = T.alloc_buffer((cap,), "float32")
+        for r in T.serial(m):
+            cnt[0] = 0
+            for bi in T.serial(nb):
+                start[bi] = cnt[0]
+                amax[0] = T.float32(0)
+                for j in T.serial(block_size):
+                    if bi * block_size + j < k:  # branch-free compaction: written always, kept if active
+                        kk = bi * block_size + j
+                        v = a[r, kk]
+                        on = T.abs(v) > thr[kk]
+                        idx[cnt[0]] = kk
+                        xval[cnt[0]] = v
+                        amax[0] = T.max(amax[0], T.Select(on, T.abs(v), T.float32(0)))
+                        cnt[0] = cnt[0] + T.Cast("int32", on)
+                sa[bi] = amax[0] / T.float32(127)
+                real[0] = cnt[0]
+                inv[0] = T.Select(amax[0] > T.float32(0), T.float32(127) / T.max(amax[0], T.float32(1e-30)), T.float32(0))
+                # pad the block's list to a multiple of 4 with its last row (already fetched), value 0
+                for e in T.serial((4 - (cnt[0] - start[bi]) % 4) % 4):
+                    idx[cnt[0]] = T.Select(cnt[0] > start[bi], idx[T.max(cnt[0] - 1, 0)], bi * block_size)
+                    cnt[0] = cnt[0] + 1
+                # quantized values, four per int32 (the padding is 0)
+                for q in T.serial((cnt[0] - start[bi]) // 4):
+                    packed = T.uint32(0)
+                    for e in T.unroll(4):
+                        j = start[bi] + q * 4 + e
+                        qv = T.Select(j < real[0], T.Cast("int32", T.round(xval[j] * inv[0])), 0)
+                        packed = packed | T.shift_left(T.Cast("uint32", T.bitwise_and(qv, 255)), T.uint32(8 * e))
+                    xq[(start[bi] + q * 4) // 4] = T.reinterpret("int32", packed)
+            start[nb] = cnt[0]
+            for e in T.serial(prefetch):
+                idx[cnt[0] + e] = idx[T.max(cnt[0] - 1, 0)]
+            for p in T.parallel(parts):
+                for c in T.serial(npad // 16):
+                    out[p, T.ramp(c * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
+                lo = p * (cnt[0] // 4) // parts * 4
+                hi = (p + 1) * (cnt[0] // 4) // parts * 4
+                if hi > lo:
+                    for e in T.serial(prefetch):
+                        pf(w, idx[lo + e])
+                for bi in T.serial(nb):
+                    b0 = T.max(start[bi], lo)
+                    b1 = T.min(start[bi + 1], hi)
+                    if b1 > b0:
+                        qs = T.alloc_buffer((1,), "int32", scope="local")
+                        qs[0] = 0
+                        for c in T.serial(npad // 16):
+                            acc[p, T.ramp(c * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                        for q in T.serial((b1 - b0) // 4):
+                            j0 = b0 + q * 4
+                            r0 = idx[j0]
+                            r1 = idx[j0 + 1]
+                            r2 = idx[j0 + 2]
+                            r3 = idx[j0 + 3]
+                            xv = xq[j0 // 4]
+                            qs[0] = qs[0] + T.Cast("int32", T.Cast("int8", T.bitwise_and(xv, 255))) + T.Cast(
+                                "int32", T.Cast("int8", T.bitwise_and(T.shift_right(xv, 8), 255))) + T.Cast(
+                                "int32", T.Cast("int8", T.bitwise_and(T.shift_right(xv, 16), 255))) + T.Cast(
+                                "int32", T.Cast("int8", T.bitwise_and(T.shift_right(xv, 24), 255)))
+                            for c in T.serial(chunks):
+                                if c % 2 == 0 and j0 + prefetch + 3 < hi:
+                                    for e in T.unroll(4):
+                                        T.evaluate(T.call_llvm_intrin(
+                                            "void", "llvm.prefetch.p0", T.address_of(w[idx[j0 + prefetch + e], c * 32]),
+                                            T.int32(0), T.int32(3), T.int32(1)))
+                                w0 = w[r0, T.ramp(c * 32, 1, 32)]
+                                w1 = w[r1, T.ramp(c * 32, 1, 32)]
+                                w2 = w[r2, T.ramp(c * 32, 1, 32)]
+                                w3 = w[r3, T.ramp(c * 32, 1, 32)]
+                                m15 = T.broadcast(T.uint8(15), 32)
+                                s4 = T.broadcast(T.uint8(4), 32)
+                                l0 = T.bitwise_and(w0, m15)
+                                l1 = T.bitwise_and(w1, m15)
+                                l2 = T.bitwise_and(w2, m15)
+                                l3 = T.bitwise_and(w3, m15)
+                                h0 = T.shift_right(w0, s4)
+                                h1 = T.shift_right(w1, s4)
+                                h2 = T.shift_right(w2, s4)
+                                h3 = T.shift_right(w3, s4)
+                                dot(acc, p, c * 64, T.Shuffle([l0, l1, l2, l3], interleave[0]), xv)
+                                dot(acc, p, c * 64 + 16, T.Shuffle([l0, l1, l2, l3], interleave[1]), xv)
+                                dot(acc, p, c * 64 + 32, T.Shuffle([h0, h1, h2, h3], interleave[0]), xv)
+                                dot(acc, p, c * 64 + 48, T.Shuffle([h0, h1, h2, h3], interleave[1]), xv)
+                        for c in T.serial(npad // 16):
+                            if zero_points:
+                                zv = z[bi, T.ramp(c * 16, 1, 16)] * T.broadcast(T.Cast("float32", qs[0]), 16)
+                            else:
+                                zv = T.broadcast(T.float32(8) * T.Cast("float32", qs[0]), 16)
+                            out[p, T.ramp(c * 16, 1, 16)] = out[p, T.ramp(c * 16, 1, 16)] + (
+                                T.Cast("float32x16", acc[p, T.ramp(c * 16, 1, 16)]) - zv) * (
+                                s[bi, T.ramp(c * 16, 1, 16)] * T.broadcast(sa[bi], 16))
+            for c in T.serial(npad // 16):
+                for pp in T.serial(1, parts):
+                    out[0, T.ramp(c * 16, 1, 16)] = out[0, T.ramp(c * 16, 1, 16)] + out[pp, T.ramp(c * 16, 1, 16)]
+                for l in T.serial(16):
+                    if c * 16 + l < n:
+                        y[r, c * 16 + l] = out[0, c * 16 + l]
+
+    if zero_points:
+        @T.prim_func(private=True)
+        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
+                 s: T.Buffer((nb, npad), "float32"), z: T.Buffer((nb, npad), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, k), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(a, thr, w, s, z, y, m)
+    else:
+        @T.prim_func(private=True)
+        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
+                 s: T.Buffer((nb, npad), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, k), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(a, thr, w, s, s, y, m)
     return _finish(func)

@@ -134,9 +134,10 @@ class TvmCpuRuntime(Runtime):
         from safetensors.numpy import load_file
         from tvm import relax
 
+        from edgecompress.export.tvm_kernels import set_threads
+
         folder, self.info = compiled_library(artifact)
-        if threads:
-            tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
+        set_threads(threads)
         self.dev = tvm.cpu()
         self._tensor = tvm.runtime.tensor
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(folder / self.info["library"])), self.dev)

@@ -77,7 +77,7 @@ def test_act_sparse_kernel_matches_numpy(k, n, block, m, zero_points, mask):
 
 # ----------------------------------------------------------------------------- converter on small graphs
 
-def _graph(k, consumers, threshold, rows=2, zero_points=False, seed=0):
+def _graph(k, consumers, threshold, rows=2, zero_points=False, seed=0, accuracy_level=0):
     """``X [rows, K] -> edgecompress::ActSparse -> MatMulNBits`` for each ``(N, bits, block)`` in
     ``consumers`` (all reading the one ActSparse output), with ActSparse's function body."""
     from edgecompress.export.onnx_act_sparse import act_sparse_function
@@ -98,7 +98,7 @@ def _graph(k, consumers, threshold, rows=2, zero_points=False, seed=0):
             inits.append(numpy_helper.from_array(zp, f"Z{i}"))
             ins.append(f"Z{i}")
         nodes.append(helper.make_node("MatMulNBits", ins, [f"Y{i}"], name=f"linear{i}", domain="com.microsoft",
-                                      K=k, N=n, bits=bits, block_size=block, accuracy_level=0))
+                                      K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
         outputs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [rows, n]))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, k])],
                               outputs, initializer=inits)
@@ -116,7 +116,7 @@ def _ort(model, x):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"X": x})
 
 
-def _tvm(model, x):
+def _tvm(model, x, int8=False):
     """The graph as :func:`.tvm.prepare` treats it (inline, fold, fuse), imported, compiled and run."""
     from tvm import relax
 
@@ -124,7 +124,7 @@ def _tvm(model, x):
     from edgecompress.export.tvm_act_sparse import fuse_act_sparse
 
     m = fold_constants(onnx.inliner.inline_local_functions(model))
-    fused = fuse_act_sparse(m)
+    fused = fuse_act_sparse(m, int8=int8)
     m = tvm_export.prune_dead(m)
     mod, params = tvm_export.import_relax(m)
     vm = relax.VirtualMachine(tvm_export.compile_library(mod, kern.target_llvm(threads=2)), tvm.cpu())
@@ -152,6 +152,63 @@ def test_act_sparse_converter_matches_ort_function_body(consumers, threshold, ze
     assert ops.count(FUSED) == len(consumers) and not {"Where", "Abs", "MatMulNBits"} & set(ops)
     for y, r in zip(outs, ref):
         np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
+
+
+needs_vnni = pytest.mark.skipif(not kern.has_vnni(kern.target_llvm()), reason="this CPU has no AVX-512 VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("k,n,block,m,zero_points", [
+    (64, 48, 32, 1, False),      # N below one 64-output chunk
+    (96, 40, 64, 3, True),       # K padded to 2 blocks; zero points; 3 rows (prefill)
+    (576, 1536, 64, 1, False),   # SmolLM2 gate/up shape
+    (1536, 576, 128, 1, True),   # down_proj
+    (200, 33, 32, 2, False),
+    (7, 33, 32, 1, False),
+])
+@pytest.mark.parametrize("mask", ["random", "none-active", "all-active", "one-active"])
+def test_act_sparse_int8_kernel_matches_numpy(k, n, block, m, zero_points, mask):
+    """The int8-activation variant against MatMulNBits-at-level-4 math on the sparsified input: each
+    K-block of kept values quantized to int8 with scale max|kept| / 127."""
+    from test_tvm import _int8_reference
+
+    rng = np.random.default_rng(k * 7 + n + m)
+    b, scales, zp = _weights(rng, k, n, block, zero_points)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    thr = {"random": np.abs(rng.standard_normal(k)).astype(np.float32),
+           "none-active": np.full(k, 1e9, np.float32), "all-active": np.zeros(k, np.float32),
+           "one-active": np.where(np.arange(k) == k // 2, 0, 1e9).astype(np.float32)}[mask]
+    if mask == "all-active":
+        a[a == 0] = 1.0
+    kept = np.where(np.abs(a) > thr, a, 0).astype(np.float32)
+    ref = _int8_reference(kept, b, scales, zp, k, n, 4, block)
+    w, s, z = kern.pack_act_sparse_int8(b, scales, zp, k, n, block)
+    assert w.shape == (k, -(-n // 64) * 32) and w.dtype == np.uint8  # still 4 bits per weight
+    args = [a, thr, w, s] + ([z] if z is not None else []) + [np.full((m, n), np.nan, np.float32)]
+    y = _run(kern.act_sparse_matmul_nbits_int8(k, n, block, zero_points=zero_points), args)
+    if mask == "none-active":
+        np.testing.assert_array_equal(y, 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * max(np.abs(ref).max(), 1))
+
+
+@needs_vnni
+def test_act_sparse_converter_at_accuracy_level_4_matches_ort():
+    """At accuracy level 4 (int8 activations in ORT's MatMulNBits too) the fused node takes the int8
+    kernel; against ORT running the function body at level 4 (its rounding differs in details)."""
+    from edgecompress.export.tvm_act_sparse import FUSED
+
+    k, rows = 96, 2
+    rng = np.random.default_rng(6)
+    thr = np.abs(rng.standard_normal(k)).astype(np.float32)
+    model = _graph(k, [(48, 4, 32), (20, 4, 32)], thr, rows=rows, zero_points=True, accuracy_level=4)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    ref = _ort(model, x)
+    fused, prepared, outs = _tvm(model, x, int8=True)
+    nodes = [n for n in prepared.graph.node if n.op_type == FUSED]
+    assert fused.linears == len(nodes) == 2
+    assert all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "int8")) == 1 for n in nodes)
+    for y, r in zip(outs, ref):
+        np.testing.assert_allclose(y, r, rtol=2e-2, atol=2e-2 * np.abs(r).max())
 
 
 def test_unsupported_consumers_and_thresholds_keep_the_function_body(caplog):
