@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--cuts", type=int, default=2, help="sentence cuts (negatives) per answer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--questions", type=Path, default=None,
+                    help="more questions, one per line, after builtin:concise-pairs' (keep them disjoint from "
+                    "the held-out sets)")
     args = ap.parse_args()
 
     lm = load_model("smollm2-135m")
@@ -40,6 +43,8 @@ def main() -> None:
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     pos, _ = load_prompt_pairs("builtin:concise-pairs")
     questions = [p.split(SUFFIX)[0] for p in pos]
+    if args.questions:
+        questions += [q.strip() for q in args.questions.read_text(encoding="utf-8").splitlines() if q.strip()]
     rng = random.Random(args.seed)
     gen = torch_generate_fn(model)
     lines = []

@@ -74,8 +74,9 @@ def _cache_key(artifact: Artifact) -> str:
 
     files = artifact.manifest.get("files", {})
     onnx_files = {k: v.get("sha256") for k, v in files.items() if k.startswith(artifact.onnx_path.name)}
-    if not onnx_files:  # a folder without hashes: hash the graph file itself
-        onnx_files = {artifact.onnx_path.name: hashlib.sha256(artifact.onnx_path.read_bytes()).hexdigest()}
+    # the graph file itself is always hashed (small: the weights are external data), so an edited
+    # graph loaded without verification (--no-verify) does not reuse another graph's library
+    onnx_files[artifact.onnx_path.name] = hashlib.sha256(artifact.onnx_path.read_bytes()).hexdigest()
     import edgecompress.export.tvm as compiler
     import edgecompress.export.tvm_act_sparse as act_sparse
     import edgecompress.export.tvm_int8 as int8

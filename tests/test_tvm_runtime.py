@@ -153,3 +153,25 @@ def test_onnx_artifact_is_compiled_on_first_use_and_cached(run_dir, tmp_path, mo
     monkeypatch.setattr(tvm_export, "build_decoder", lambda *a, **k: pytest.fail("compiled twice"))
     ids = np.arange(10)
     np.testing.assert_array_equal(open_runtime("tvm-cpu", art).logits(ids), first.logits(ids))
+
+
+def test_an_edited_graph_does_not_reuse_the_cached_library(run_dir, tmp_path):
+    """The cache key hashes the graph file itself, not only the manifest's record of it: a copy
+    whose MatMulNBits switched accuracy level (0 <-> 4), loaded unverified, gets its own key."""
+    import shutil
+
+    import onnx
+
+    from edgecompress.runtimes.tvm_cpu import _cache_key
+
+    copy = tmp_path / "int4-edited"
+    shutil.copytree(run_dir / "int4", copy)
+    model = onnx.load(str(copy / "model.onnx"), load_external_data=False)
+    changed = 0
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.name == "accuracy_level":
+                a.i, changed = (4 if a.i == 0 else 0), changed + 1
+    onnx.save(model, str(copy / "model.onnx"))
+    assert changed
+    assert _cache_key(Artifact.load(copy, verify=False)) != _cache_key(Artifact.load(run_dir / "int4"))

@@ -1,0 +1,75 @@
+"""Do TVM and ONNX Runtime compute the same thing on one artifact? Top-1 agreement and logit differences on held-out text.
+
+    .venv/bin/python benchmarks/tvm_ort_agreement.py ARTIFACT [--windows 4] [--seq-len 512]
+        [--accuracy-level 0] [--threads 2] [--json OUT]
+
+Runs the ONNX decoder artifact on ``ort-cpu`` and on ``tvm-cpu`` (compiled on first use, cached)
+over ``--windows`` held-out ``pydoc:eval`` windows and reports, over every position, how often
+the two runtimes' top-1 tokens agree and the largest |logit difference|. ``--accuracy-level N``
+first writes a copy of the artifact (in a temporary folder) with every MatMulNBits set to level
+``N``: at 0 both runtimes compute in fp32, at 4 both quantize the activations to int8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def with_accuracy_level(src: Path, dest: Path, level: int) -> Path:
+    """A copy of the ONNX artifact ``src`` at ``dest`` with every ``accuracy_level`` attribute set to
+    ``level`` (the graph is rewritten, so the copy is loaded without the sha256 check)."""
+    import onnx
+
+    shutil.copytree(src, dest)
+    model = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.name == "accuracy_level":
+                a.i = level
+    onnx.save(model, str(dest / "model.onnx"))
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    from edgecompress.artifact import Artifact
+    from edgecompress.data import load_text, token_windows
+    from edgecompress.runtimes import open_runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, verify = args.artifact, True
+        if args.accuracy_level is not None:
+            path, verify = with_accuracy_level(args.artifact, Path(tmp) / "artifact", args.accuracy_level), False
+        art = Artifact.load(path, verify=verify)
+        windows = token_windows(art.tokenizer(), load_text("pydoc:eval"), args.seq_len, args.windows, seed=0)
+        ort_rt = open_runtime("ort-cpu", art, threads=args.threads)
+        tvm_rt = open_runtime("tvm-cpu", art, threads=args.threads)
+        agree, total, worst = 0, 0, 0.0
+        for w in windows:
+            a, b = ort_rt.logits(w.numpy()), tvm_rt.logits(w.numpy())
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += a.shape[0]
+            worst = max(worst, float(np.abs(a - b).max()))
+    report = {"artifact": str(args.artifact), "accuracy_level": args.accuracy_level, "tokens": total,
+              "top1_agreement": round(agree / total, 5), "max_abs_logit_diff": round(worst, 5)}
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
