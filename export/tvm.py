@@ -11,7 +11,8 @@ decoder export writes. This module supplies a converter for each one the toolkit
 
 ``edgecompress::ActSparse`` in front of 4-bit ``MatMulNBits`` (activation-sparse int4 linears) ->
 the activation-sparse kernel (:mod:`.tvm_act_sparse`), which reads only the weight rows of active
-inputs. Other ``edgecompress::`` custom ops are inlined to their ONNX function bodies before import
+inputs. ``edgecompress::SparseMatMul`` (pruned weights) -> the CSR kernel (:mod:`.tvm_sparse`), which
+reads only the kept weights. Other ``edgecompress::`` custom ops are inlined to their ONNX function bodies before import
 (their weights are then decompressed once, at compile time: they have no native TVM kernel yet;
 the manifest lists them under ``tvm.function_body_ops``, the native kernels under ``tvm.kernels``). Any other operator the importer lacks is
 an error naming the node, before any compilation.
@@ -110,6 +111,52 @@ class _Converters:
         gv = bb.add_func(func, f"matmul_nbits_int8_k{k}_n{n}_b{bits}_g{block}{'_zp' if zeros is not None else ''}")
         args = [a2, w, scales] + ([zeros] if zeros is not None else [])
         y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
+        return relax.op.reshape(y, shape[:-1] + [n])
+
+    @staticmethod
+    def matmul_f32(bb, inputs, attr, params):
+        """``edgecompress::MatMulF32`` (made by :func:`.tvm_dense.use_dense_kernels`)."""
+        from tvm import relax
+
+        from . import tvm_kernels as kern
+
+        a, w = inputs[:2]
+        k, n = int(attr["K"]), int(attr["N"])
+        a2, rows, shape = _as_rows(bb, a, k)
+        gv = bb.add_func(kern.matmul_f32(k, n), f"matmul_f32_k{k}_n{n}")
+        y = bb.emit(relax.call_tir(gv, [a2, w], relax.TensorType([rows, n], "float32")))
+        return relax.op.reshape(y, shape[:-1] + [n])
+
+    @staticmethod
+    def sparse_matmul_2of4(bb, inputs, attr, params):
+        """``edgecompress::SparseMatMul2of4`` (made by :func:`.tvm_sparse.use_sparse_kernels`)."""
+        from tvm import relax
+
+        from . import tvm_kernels as kern
+
+        a, idx, vals = inputs[:3]
+        k, n = int(attr["K"]), int(attr["N"])
+        dtype = attr["value_dtype"]
+        dtype = dtype.decode() if isinstance(dtype, bytes) else str(dtype)
+        a2, rows, shape = _as_rows(bb, a, k)
+        gv = bb.add_func(kern.sparse_matmul_2of4(k, n, dtype), f"sparse_matmul_2of4_k{k}_n{n}")
+        y = bb.emit(relax.call_tir(gv, [a2, idx, vals], relax.TensorType([rows, n], "float32")))
+        return relax.op.reshape(y, shape[:-1] + [n])
+
+    @staticmethod
+    def sparse_matmul_csr(bb, inputs, attr, params):
+        """``edgecompress::SparseMatMulCSR`` (made by :func:`.tvm_sparse.use_sparse_kernels`)."""
+        from tvm import relax
+
+        from . import tvm_kernels as kern
+
+        a, row_ptr, cols, vals = inputs[:4]
+        k, n, nnz = (int(attr[x]) for x in ("K", "N", "nnz"))
+        dtype = attr["value_dtype"]
+        dtype = dtype.decode() if isinstance(dtype, bytes) else str(dtype)
+        a2, rows, shape = _as_rows(bb, a, k)
+        gv = bb.add_func(kern.sparse_matmul_csr(k, n, nnz, dtype), f"sparse_matmul_csr_k{k}_n{n}_nnz{nnz}")
+        y = bb.emit(relax.call_tir(gv, [a2, row_ptr, cols, vals], relax.TensorType([rows, n], "float32")))
         return relax.op.reshape(y, shape[:-1] + [n])
 
     @staticmethod
@@ -272,6 +319,9 @@ CONTRIB_CONVERTERS = {
     "GroupQueryAttention": _Converters.group_query_attention,
     "ActSparseMatMulNBits": _Converters.act_sparse_matmul_nbits,
     "MatMulNBitsInt8": _Converters.matmul_nbits_int8,
+    "SparseMatMulCSR": _Converters.sparse_matmul_csr,
+    "MatMulF32": _Converters.matmul_f32,
+    "SparseMatMul2of4": _Converters.sparse_matmul_2of4,
 }
 
 
@@ -298,19 +348,25 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 
 def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = True,
-            parts: int = 2, int8: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+            parts: int = 2, int8: bool = False, sparse: bool = True,
+            avx512: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded
     (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
     inputs, Relax could not fold them and would recompute them every token. With ``act_sparse``,
     ``ActSparse`` -> 4-bit ``MatMulNBits`` pairs become the native activation-sparse kernel
     (:mod:`.tvm_act_sparse`, ``parts`` threads). With ``int8`` (a CPU with VNNI), ``MatMulNBits``
     at ``accuracy_level`` 4 run int8-activation kernels: the activation-sparse one after an
-    ActSparse, :mod:`.tvm_int8`'s dense one elsewhere.
+    ActSparse, :mod:`.tvm_int8`'s dense one elsewhere. With ``sparse``, each ``SparseMatMul`` (pruned
+    weights, stored compressed) runs a sparse kernel of :mod:`.tvm_sparse` (the 2:4 one needs
+    ``avx512``) instead of a dense MatMul.
 
     Returns the model and the custom ops that run as their function bodies.
     """
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
                      if n.domain not in ("", "ai.onnx", "com.microsoft")})
+    from .tvm_sparse import SOURCE, sparse_outputs, use_sparse_kernels
+
+    marked = sparse_outputs(model) if sparse else {}  # before inlining, which erases the op
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())  # a copy we may edit
@@ -323,6 +379,16 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
         del g.input[:]
         g.input.extend(keep)
     model = fold_constants(model)
+    if marked:
+        done = use_sparse_kernels(model, marked, two_of_four=avx512)
+        if done.linears and not done.kept:
+            custom = [c for c in custom if c != f"edgecompress::{SOURCE}"]
+        log.info("sparse-weight (CSR) kernel for %d of %d SparseMatMul", done.linears, len(marked))
+    from .tvm_dense import use_dense_kernels
+
+    dense = use_dense_kernels(model)
+    if dense:
+        log.info("fp32 GEMV kernel for %d MatMul by constant weights", dense)
     if act_sparse:
         from .tvm_act_sparse import fuse_act_sparse
 
@@ -454,6 +520,8 @@ def _native_kernels(model: onnx.ModelProto) -> dict[str, int]:
 
     names = {"MatMulNBits": "matmul_nbits", "GatherBlockQuantized": "gather_block_quantized",
              FUSED: "act_sparse_matmul_nbits", "MatMulNBitsInt8": "matmul_nbits_int8",
+             "SparseMatMulCSR": "sparse_matmul_csr", "SparseMatMul2of4": "sparse_matmul_2of4",
+             "MatMulF32": "matmul_f32",
              "GroupQueryAttention": "attention"}
     counts: dict[str, int] = {}
     for n in model.graph.node:
@@ -501,7 +569,8 @@ def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None 
     t0 = time.perf_counter()
     if int8 is None:
         int8 = kern.has_vnni(target)
-    prepared, custom = prepare(model, logits_to_keep=0, act_sparse=act_sparse, parts=threads or 2, int8=int8)
+    prepared, custom = prepare(model, logits_to_keep=0, act_sparse=act_sparse, parts=threads or 2, int8=int8,
+                               avx512=kern.has_avx512(target))
     kernels = _native_kernels(prepared)
     layout["max_positions"] = _max_positions(prepared)
     mod, params = import_relax(prepared)

@@ -802,3 +802,159 @@ def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points
             y = T.match_buffer(var_y, (m, n), "float32")
             body(a, thr, w, s, s, y, m)
     return _finish(func)
+
+
+# ----------------------------------------------------------------------------- sparse weights (bitmask -> CSR)
+
+def pack_sparse_csr(values, bitmask, n: int, k: int):
+    """``edgecompress::SparseMatMul``'s compressed weight (``values [nnz]`` row-major kept weights,
+    LSB-first ``bitmask [N, ceil(K/8)]``) as CSR for :func:`sparse_matmul_csr`: ``(row_ptr [N+1]
+    int32, cols [nnz + 16] uint16, vals [nnz + 16])``, ``vals`` in the dtype of ``values`` (fp16
+    when the export stored them so). The 16 padding entries (column 0, value 0) let the kernel
+    read whole vectors; nothing is decompressed."""
+    import numpy as np
+
+    if k > 65535:
+        raise ValueError(f"K = {k}: CSR columns are uint16")
+    keep = np.unpackbits(np.asarray(bitmask, np.uint8).reshape(n, -1), axis=1, bitorder="little")[:, :k].astype(bool)
+    values = np.asarray(values)
+    if int(keep.sum()) != values.size:
+        raise ValueError(f"bitmask keeps {int(keep.sum())} weights, values has {values.size}")
+    row_ptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
+    cols = np.concatenate([np.nonzero(keep)[1], np.zeros(16, np.int64)]).astype(np.uint16)
+    vals = np.concatenate([values.reshape(-1), np.zeros(16, values.dtype)])
+    return row_ptr, cols, vals
+
+
+def sparse_matmul_csr(k: int, n: int, nnz: int, value_dtype: str = "float16") -> tirx.PrimFunc:
+    """``Y[m, :N] = A[m] @ W.T`` for a sparse ``W [N, K]`` in CSR (:func:`pack_sparse_csr`): only the
+    kept weights and their column indices are read (2 + 2 bytes per kept fp16 weight, against 4 per
+    weight for a dense fp32 matrix). The output rows are split between the threads; each row is a
+    dot product of its values with the activations gathered at its columns, 16 at a time."""
+    from tvm.script import tirx as T
+
+    lanes = 16
+    total = nnz + lanes
+
+    @T.prim_func(private=True)
+    def func(var_a: T.handle, row_ptr: T.Buffer((n + 1,), "int32"), cols: T.Buffer((total,), "uint16"),
+             vals: T.Buffer((total,), value_dtype), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        a = T.match_buffer(var_a, (m, k), "float32")
+        y = T.match_buffer(var_y, (m, n), "float32")
+        for r in T.serial(m):
+            for o in T.parallel(n):
+                acc = T.alloc_buffer((lanes,), "float32", scope="local")
+                acc[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                start = row_ptr[o]
+                count = row_ptr[o + 1] - row_ptr[o]
+                for c in T.serial(count // lanes):
+                    j = start + c * lanes
+                    acc[T.ramp(0, 1, lanes)] = acc[T.ramp(0, 1, lanes)] + T.Cast(
+                        f"float32x{lanes}", vals[T.ramp(j, 1, lanes)]) * a[r, T.Cast(
+                            f"int32x{lanes}", cols[T.ramp(j, 1, lanes)])]
+                for t in T.serial(count % lanes):
+                    j = start + count // lanes * lanes + t
+                    acc[0] = acc[0] + T.Cast("float32", vals[j]) * a[r, T.Cast("int32", cols[j])]
+                total_ = T.alloc_buffer((1,), "float32", scope="local")
+                total_[0] = T.float32(0)
+                for l in T.serial(lanes):
+                    total_[0] = total_[0] + acc[l]
+                y[r, o] = total_[0]
+
+    return _finish(func)
+
+
+def matmul_f32(k: int, n: int) -> tirx.PrimFunc:
+    """``Y[m, :N] = A[m] @ W.T`` for a constant fp32 weight stored ``W [N, K]`` (each output's weights
+    contiguous): the reduction over K in 16 vector lanes (rfactor), outputs split between the
+    threads, as :func:`matmul_nbits` without the dequantization. Relax's generic ``matmul`` read
+    SmolLM2's 576 x 49152 head at under 1 GB/s."""
+    m = tirx.Var("m", "int64")
+    a = te.placeholder((m, k), "float32", name="A")
+    w = te.placeholder((n, k), "float32", name="W")
+    rk = te.reduce_axis((0, k), "rk")
+    y = te.compute((m, n), lambda m_, n_: te.sum(a[m_, rk] * w[n_, rk], axis=rk), name="Y")
+    sch = s_tir.Schedule(te.create_prim_func([a, w, y]))
+    if _lanes(k) >= 4:
+        _vector_reduce(sch, "Y", _lanes(k), parallel_axis=1)
+    else:  # K odd or 2 mod 4: no vector lanes along K; outputs in parallel
+        sch.parallel(sch.get_loops(sch.get_sblock("Y"))[1])
+    return _finish(sch.mod["main"])
+
+
+def has_avx512(target: tvm.target.Target) -> bool:
+    """Whether ``target``'s CPU has AVX-512F (the N:M kernel's 16-lane ``vpermps``)."""
+    from tvm.target import codegen
+
+    return target.kind.name == "llvm" and bool(codegen.target_has_features(["avx512f"], target))
+
+
+def is_2of4(mask) -> bool:
+    """Whether a keep-mask ``[N, K]`` has at most two kept weights in every group of four inputs."""
+    import numpy as np
+
+    n, k = mask.shape
+    return k % 4 == 0 and int(np.asarray(mask).reshape(n, k // 4, 4).sum(-1).max(initial=0)) <= 2
+
+
+def pack_sparse_2of4(w, mask, value_dtype: str = "float16"):
+    """A pruned ``W [N, K]`` with at most 2 of every 4 inputs kept (:func:`is_2of4`) in the layout of
+    :func:`sparse_matmul_2of4`: ``(idx [nt, K/4, 16] uint8, vals [nt, K/4, 2, 16])`` for tiles of 16
+    outputs: per output and group of four inputs, the positions of its (up to) two kept weights in
+    the group (``i0 | i1 << 2``) and their values (an empty slot: value 0). 5 bytes per 4 weights at
+    fp16: values and 2-bit indices, nothing else."""
+    import numpy as np
+
+    w, mask = np.asarray(w, np.float32), np.asarray(mask, bool)
+    n, k = w.shape
+    nt, groups = -(-n // 16), k // 4
+    pad = nt * 16 - n
+    w = np.concatenate([w, np.zeros((pad, k), np.float32)]).reshape(nt * 16, groups, 4)
+    mask = np.concatenate([mask, np.zeros((pad, k), bool)]).reshape(nt * 16, groups, 4)
+    order = np.argsort(~mask, axis=-1, kind="stable")[..., :2]          # kept positions first
+    kept = np.take_along_axis(mask, order, -1)
+    vals = np.where(kept, np.take_along_axis(w, order, -1), 0.0)        # [N', G, 2]
+    pos = np.where(kept, order, 0).astype(np.uint8)
+    idx = pos[..., 0] | (pos[..., 1] << 2)
+    idx = np.ascontiguousarray(idx.reshape(nt, 16, groups).transpose(0, 2, 1))
+    vals = np.ascontiguousarray(vals.reshape(nt, 16, groups, 2).transpose(0, 2, 3, 1)).astype(value_dtype)
+    return idx, vals
+
+
+def sparse_matmul_2of4(k: int, n: int, value_dtype: str = "float16") -> tirx.PrimFunc:
+    """``Y[m, :N] = A[m] @ W.T`` for a 2:4-sparse ``W`` in :func:`pack_sparse_2of4`'s layout, with no
+    gather: per tile of 16 outputs and group of four inputs, the four activations are broadcast into
+    a vector and each output lane picks its two with ``vpermps`` by its 2-bit indices, then two
+    multiply-adds with the kept values. Tiles split between the threads. Needs AVX-512F."""
+    from tvm.script import tirx as T
+
+    nt, groups = -(-n // 16), k // 4
+
+    @T.prim_func(private=True)
+    def func(var_a: T.handle, idx: T.Buffer((nt, groups, 16), "uint8"),
+             vals: T.Buffer((nt, groups, 2, 16), value_dtype), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        a = T.match_buffer(var_a, (m, k), "float32")
+        y = T.match_buffer(var_y, (m, n), "float32")
+        for r in T.serial(m):
+            for t in T.parallel(nt):
+                acc = T.alloc_buffer((2, 16), "float32", scope="local")
+                acc[0, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
+                acc[1, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
+                for g in T.serial(groups):
+                    x4 = T.Shuffle([a[r, T.ramp(g * 4, 1, 4)]] * 4, list(range(16)))  # the four, four times
+                    iv = T.Cast("int32x16", idx[t, g, T.ramp(0, 1, 16)])
+                    for s in T.unroll(2):
+                        pick = T.bitwise_and(T.shift_right(iv, T.broadcast(T.int32(2 * s), 16)),
+                                             T.broadcast(T.int32(3), 16))
+                        acc[s, T.ramp(0, 1, 16)] = acc[s, T.ramp(0, 1, 16)] + T.Cast(
+                            "float32x16", vals[t, g, s, T.ramp(0, 1, 16)]) * T.call_llvm_pure_intrin(
+                                "float32x16", "llvm.x86.avx512.permvar.sf.512", x4, pick)
+                for o in T.serial(16):
+                    if t * 16 + o < n:
+                        y[r, t * 16 + o] = acc[0, o] + acc[1, o]
+
+    return _finish(func)

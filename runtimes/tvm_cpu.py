@@ -10,7 +10,7 @@ It runs two kinds of causal-LM artifact:
 * an **ONNX artifact**: compiled for this machine's CPU on first use (seconds for SmolLM2-135M)
   into the cache, ``~/.cache/edgecompress/tvm/<key>`` (or ``$EDGECOMPRESS_CACHE/tvm``), keyed by
   the ONNX files' sha256, the TVM version, the CPU, the calling convention and the compiler's own
-  source (``export/tvm.py``, ``export/tvm_kernels.py``, ``export/tvm_act_sparse.py``), and reused after.
+  source (``export/tvm*.py``), and reused after.
 
 Both run the same library, ``main(input_ids, *kv_cache_views, *params) -> logits`` (and
 ``decode``, the same for one new token with static shapes): the runtime
@@ -81,9 +81,11 @@ def _cache_key(artifact: Artifact) -> str:
     import edgecompress.export.tvm_act_sparse as act_sparse
     import edgecompress.export.tvm_int8 as int8
     import edgecompress.export.tvm_kernels as kernels
+    import edgecompress.export.tvm_dense as dense
+    import edgecompress.export.tvm_sparse as sparse
 
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                   for m in (compiler, kernels, act_sparse, int8))).hexdigest()
+                                   for m in (compiler, kernels, act_sparse, int8, sparse, dense))).hexdigest()
     blob = json.dumps({"onnx": onnx_files, "host": host(), "interface": INTERFACE, "compiler": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -114,6 +114,14 @@ def test_int8_activation_kernel_matches_numpy(k, n, bits, block, m, zero_points)
     assert np.abs(y - exact).max() < 0.03 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("k,n,m", [(576, 200, 1), (37, 5, 3), (1536, 576, 2)])
+def test_matmul_f32_kernel_matches_numpy(k, n, m):
+    rng = np.random.default_rng(k + n)
+    a, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    y = _run(kern.matmul_f32(k, n), [a, w, np.full((m, n), np.nan, np.float32)])
+    np.testing.assert_allclose(y, a @ w.T, rtol=1e-4, atol=1e-4 * np.abs(a @ w.T).max())
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gather_block_quantized_kernel_matches_numpy(bits):
     rng = np.random.default_rng(bits)
@@ -229,10 +237,12 @@ def _compare(artifact, tmp_path, accuracy_level, tol, int8=False):
         for b, r in zip(buffers, ref[1:]):
             np.testing.assert_allclose(b.numpy()[:width].transpose(1, 0, 2)[None], r,
                                        atol=tol * np.abs(r).max() if int8 else 1e-4)
+    return info
 
 
 def test_fp32_decoder_on_tvm_equals_ort(tiny_artifacts, tmp_path):
-    _compare(tiny_artifacts / "fp32", tmp_path, None, 1e-5)
+    info = _compare(tiny_artifacts / "fp32", tmp_path, None, 1e-5)
+    assert info["kernels"]["matmul_f32"] > 0  # the linears on the native fp32 GEMV, not Relax's matmul
 
 
 def test_int4_decoder_on_tvm_equals_ort_fp32_math(tiny_artifacts, tmp_path):
