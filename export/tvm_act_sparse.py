@@ -48,6 +48,18 @@ def _constant(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     return None
 
 
+def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]) -> None:
+    """Set ``model``'s nodes to ``nodes``, add ``initializers`` and the custom domain's opset (the
+    commit step of every rewrite onto a native TVM kernel; dead nodes and initializers are left for
+    :func:`.tvm.prune_dead`)."""
+    g = model.graph
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(initializers)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
 def match_act_sparse(model: onnx.ModelProto, where: onnx.NodeProto, producers: dict) -> tuple[str, str] | str:
     """``(X, threshold name)`` if ``where`` is ActSparse's body ``Where(Greater(Abs(X), thr), X, 0)``,
     else the reason it is not."""
@@ -136,10 +148,5 @@ def fuse_act_sparse(model: onnx.ModelProto, *, parts: int = 2, int8: bool = Fals
             result.linears += 1
         result.function_body_sites += kept
     if replaced:
-        nodes = [replaced.get(id(n), n) for n in g.node]
-        del g.node[:]
-        g.node.extend(nodes)
-        g.initializer.extend(new_inits)
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        replace_nodes(model, [replaced.get(id(n), n) for n in g.node], new_inits)
     return result

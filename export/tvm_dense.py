@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .onnx_custom import DOMAIN
-from .tvm_act_sparse import _constant
+from .tvm_act_sparse import _constant, replace_nodes
 
 DENSE = "MatMulF32"
 
@@ -35,9 +35,5 @@ def use_dense_kernels(model: onnx.ModelProto, *, min_weights: int = 4096) -> int
                                       domain=DOMAIN, K=int(wt.shape[0]), N=int(wt.shape[1])))
         count += 1
     if count:
-        del g.node[:]
-        g.node.extend(nodes)
-        g.initializer.extend(inits)
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        replace_nodes(model, nodes, inits)
     return count

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .onnx_custom import DOMAIN
-from .tvm_act_sparse import _constant
+from .tvm_act_sparse import _constant, replace_nodes
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,5 @@ def use_int8_kernels(model: onnx.ModelProto) -> Int8Result:
                                       domain=DOMAIN, K=k, N=n, bits=bits, block_size=block))
         result.linears += 1
     if result.linears:
-        del g.node[:]
-        g.node.extend(nodes)
-        g.initializer.extend(inits)
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        replace_nodes(model, nodes, inits)
     return result

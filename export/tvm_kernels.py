@@ -338,7 +338,6 @@ def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: boo
     def body(a, thr, w, s, z, y, m):
         idx = T.alloc_buffer((k + prefetch,), "int32")
         xa = T.alloc_buffer((k,), "float32")
-        blk = T.alloc_buffer((k,), "int32")
         start = T.alloc_buffer((nb + 1,), "int32")
         acc = T.alloc_buffer((parts, npad), "float32")
         out = T.alloc_buffer((parts, npad), "float32")

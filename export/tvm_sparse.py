@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .onnx_custom import DOMAIN
-from .tvm_act_sparse import _constant
+from .tvm_act_sparse import _constant, replace_nodes
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,5 @@ def use_sparse_kernels(model: onnx.ModelProto, outputs: dict[str, str], *, two_o
                                       domain=DOMAIN, K=k, N=n, value_dtype=dtype, **attrs))
         result.linears += 1
     if result.linears:
-        del g.node[:]
-        g.node.extend(nodes)
-        g.initializer.extend(inits)
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        replace_nodes(model, nodes, inits)
     return result

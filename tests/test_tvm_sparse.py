@@ -13,13 +13,7 @@ tvm = pytest.importorskip("tvm")
 from edgecompress.export import tvm as tvm_export
 from edgecompress.export import tvm_kernels as kern
 
-
-def _run(func, args):
-    func = func.with_attr("global_symbol", "main")
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=kern.target_llvm(threads=2))
-    tensors = [tvm.runtime.tensor(a, tvm.cpu()) for a in args]
-    lib["main"](*tensors)
-    return tensors[-1].numpy()
+from test_tvm import _run  # compile one kernel, run it, return its last argument
 
 
 def _sparse_weight(rng, n, k, pattern, dtype):
