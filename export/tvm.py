@@ -11,8 +11,8 @@ decoder export writes. This module supplies a converter for each one the toolkit
 
 ``edgecompress::ActSparse`` in front of 4-bit ``MatMulNBits`` (activation-sparse int4 linears) ->
 the activation-sparse kernel (:mod:`.tvm_act_sparse`), which reads only the weight rows of active
-inputs. ``edgecompress::SparseMatMul`` (pruned weights) -> the CSR kernel (:mod:`.tvm_sparse`), which
-reads only the kept weights. Other ``edgecompress::`` custom ops are inlined to their ONNX function bodies before import
+inputs. ``edgecompress::SparseMatMul`` (pruned weights) -> the 2:4 or CSR kernel (:mod:`.tvm_sparse`),
+which reads only the kept weights; an fp32 ``MatMul`` by a constant weight -> a GEMV (:mod:`.tvm_dense`). Other ``edgecompress::`` custom ops are inlined to their ONNX function bodies before import
 (their weights are then decompressed once, at compile time: they have no native TVM kernel yet;
 the manifest lists them under ``tvm.function_body_ops``, the native kernels under ``tvm.kernels``). Any other operator the importer lacks is
 an error naming the node, before any compilation.
@@ -75,6 +75,22 @@ def _as_rows(bb, x, k: int):
     return bb.emit(relax.op.reshape(x, [rows, k])), rows, shape
 
 
+def _linear(bb, x, k: int, n: int, func, name: str, weights: list):
+    """``func(x as [rows, K], *weights) -> [rows, N]`` as a ``call_tir`` of the PrimFunc ``func``
+    (added to the module as ``name``), reshaped back to ``x``'s leading dimensions: how every
+    native linear kernel is called."""
+    from tvm import relax
+
+    x2, rows, shape = _as_rows(bb, x, k)
+    y = bb.emit(relax.call_tir(bb.add_func(func, name), [x2, *weights], relax.TensorType([rows, n], "float32")))
+    return relax.op.reshape(y, shape[:-1] + [n])
+
+
+def _str(value) -> str:
+    """A string attribute as the importer hands it (bytes or str)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class _Converters:
     """Converters for ONNX Runtime contrib ops, in the Relax importer's converter protocol."""
 
@@ -89,96 +105,62 @@ class _Converters:
         if len(inputs) > 4 and any(x is not None for x in inputs[4:]):
             raise NotImplementedError("MatMulNBits with g_idx or bias inputs")
         k, n, bits, block = (int(attr[x]) for x in ("K", "N", "bits", "block_size"))
-        a2, rows, shape = _as_rows(bb, a, k)
-        func = kern.matmul_nbits(k, n, bits, block, zero_points=zp is not None)
-        gv = bb.add_func(func, f"matmul_nbits_k{k}_n{n}_b{bits}_g{block}{'_zp' if zp is not None else ''}")
-        args = [a2, b, relax.op.reshape(scales, [-1])] + ([zp] if zp is not None else [])
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
-        return relax.op.reshape(y, shape[:-1] + [n])
+        return _linear(bb, a, k, n, kern.matmul_nbits(k, n, bits, block, zero_points=zp is not None),
+                       f"matmul_nbits_k{k}_n{n}_b{bits}_g{block}{'_zp' if zp is not None else ''}",
+                       [b, relax.op.reshape(scales, [-1])] + ([zp] if zp is not None else []))
 
     @staticmethod
     def matmul_nbits_int8(bb, inputs, attr, params):
         """``edgecompress::MatMulNBitsInt8`` (made by :func:`.tvm_int8.use_int8_kernels`)."""
-        from tvm import relax
-
         from . import tvm_kernels as kern
 
         a, w, scales = inputs[:3]
         zeros = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
         k, n, bits, block = (int(attr[x]) for x in ("K", "N", "bits", "block_size"))
-        a2, rows, shape = _as_rows(bb, a, k)
-        func = kern.matmul_nbits_int8(k, n, bits, block, zero_points=zeros is not None)
-        gv = bb.add_func(func, f"matmul_nbits_int8_k{k}_n{n}_b{bits}_g{block}{'_zp' if zeros is not None else ''}")
-        args = [a2, w, scales] + ([zeros] if zeros is not None else [])
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
-        return relax.op.reshape(y, shape[:-1] + [n])
+        return _linear(bb, a, k, n, kern.matmul_nbits_int8(k, n, bits, block, zero_points=zeros is not None),
+                       f"matmul_nbits_int8_k{k}_n{n}_b{bits}_g{block}{'_zp' if zeros is not None else ''}",
+                       [w, scales] + ([zeros] if zeros is not None else []))
 
     @staticmethod
     def matmul_f32(bb, inputs, attr, params):
         """``edgecompress::MatMulF32`` (made by :func:`.tvm_dense.use_dense_kernels`)."""
-        from tvm import relax
-
         from . import tvm_kernels as kern
 
-        a, w = inputs[:2]
         k, n = int(attr["K"]), int(attr["N"])
-        a2, rows, shape = _as_rows(bb, a, k)
-        gv = bb.add_func(kern.matmul_f32(k, n), f"matmul_f32_k{k}_n{n}")
-        y = bb.emit(relax.call_tir(gv, [a2, w], relax.TensorType([rows, n], "float32")))
-        return relax.op.reshape(y, shape[:-1] + [n])
+        return _linear(bb, inputs[0], k, n, kern.matmul_f32(k, n), f"matmul_f32_k{k}_n{n}", [inputs[1]])
 
     @staticmethod
     def sparse_matmul_2of4(bb, inputs, attr, params):
         """``edgecompress::SparseMatMul2of4`` (made by :func:`.tvm_sparse.use_sparse_kernels`)."""
-        from tvm import relax
-
         from . import tvm_kernels as kern
 
-        a, idx, vals = inputs[:3]
         k, n = int(attr["K"]), int(attr["N"])
-        dtype = attr["value_dtype"]
-        dtype = dtype.decode() if isinstance(dtype, bytes) else str(dtype)
-        a2, rows, shape = _as_rows(bb, a, k)
-        gv = bb.add_func(kern.sparse_matmul_2of4(k, n, dtype), f"sparse_matmul_2of4_k{k}_n{n}")
-        y = bb.emit(relax.call_tir(gv, [a2, idx, vals], relax.TensorType([rows, n], "float32")))
-        return relax.op.reshape(y, shape[:-1] + [n])
+        return _linear(bb, inputs[0], k, n, kern.sparse_matmul_2of4(k, n, _str(attr["value_dtype"])),
+                       f"sparse_matmul_2of4_k{k}_n{n}", list(inputs[1:3]))
 
     @staticmethod
     def sparse_matmul_csr(bb, inputs, attr, params):
         """``edgecompress::SparseMatMulCSR`` (made by :func:`.tvm_sparse.use_sparse_kernels`)."""
-        from tvm import relax
-
         from . import tvm_kernels as kern
 
-        a, row_ptr, cols, vals = inputs[:4]
         k, n, nnz = (int(attr[x]) for x in ("K", "N", "nnz"))
-        dtype = attr["value_dtype"]
-        dtype = dtype.decode() if isinstance(dtype, bytes) else str(dtype)
-        a2, rows, shape = _as_rows(bb, a, k)
-        gv = bb.add_func(kern.sparse_matmul_csr(k, n, nnz, dtype), f"sparse_matmul_csr_k{k}_n{n}_nnz{nnz}")
-        y = bb.emit(relax.call_tir(gv, [a2, row_ptr, cols, vals], relax.TensorType([rows, n], "float32")))
-        return relax.op.reshape(y, shape[:-1] + [n])
+        return _linear(bb, inputs[0], k, n, kern.sparse_matmul_csr(k, n, nnz, _str(attr["value_dtype"])),
+                       f"sparse_matmul_csr_k{k}_n{n}_nnz{nnz}", list(inputs[1:4]))
 
     @staticmethod
     def act_sparse_matmul_nbits(bb, inputs, attr, params):
         """``edgecompress::ActSparseMatMulNBits`` (made by :func:`.tvm_act_sparse.fuse_act_sparse`):
         the activation-sparse 4-bit kernel, rows flattened (prefill runs it once per row)."""
-        from tvm import relax
-
         from . import tvm_kernels as kern
 
         x, thr, w, scales = inputs[:4]
         zeros = inputs[4] if len(inputs) > 4 and inputs[4] is not None else None
         k, n, block, parts = (int(attr[a]) for a in ("K", "N", "block_size", "parts"))
         int8 = bool(int(attr.get("int8", 0)))
-        x2, rows, shape = _as_rows(bb, x, k)
         make = kern.act_sparse_matmul_nbits_int8 if int8 else kern.act_sparse_matmul_nbits
-        func = make(k, n, block, zero_points=zeros is not None, parts=parts)
-        gv = bb.add_func(func, f"act_sparse_matmul_nbits{'_int8' if int8 else ''}_k{k}_n{n}_g{block}"
-                               f"{'_zp' if zeros is not None else ''}")
-        args = [x2, thr, w, scales] + ([zeros] if zeros is not None else [])
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([rows, n], "float32")))
-        return relax.op.reshape(y, shape[:-1] + [n])
+        return _linear(bb, x, k, n, make(k, n, block, zero_points=zeros is not None, parts=parts),
+                       f"act_sparse_matmul_nbits{'_int8' if int8 else ''}_k{k}_n{n}_g{block}"
+                       f"{'_zp' if zeros is not None else ''}", [thr, w, scales] + ([zeros] if zeros is not None else []))
 
     @staticmethod
     def gather_block_quantized(bb, inputs, attr, params):
@@ -383,7 +365,7 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
         done = use_sparse_kernels(model, marked, two_of_four=avx512)
         if done.linears and not done.kept:
             custom = [c for c in custom if c != f"edgecompress::{SOURCE}"]
-        log.info("sparse-weight (CSR) kernel for %d of %d SparseMatMul", done.linears, len(marked))
+        log.info("sparse-weight kernels for %d of %d SparseMatMul", done.linears, len(marked))
     from .tvm_dense import use_dense_kernels
 
     dense = use_dense_kernels(model)
