@@ -301,6 +301,33 @@ def pack_act_sparse_nbits(b, scales, zero_points, k: int, n: int, block_size: in
     return w, s, z
 
 
+def _act_sparse_func(body, k: int, n: int, nb: int, npad: int, zero_points: bool) -> tirx.PrimFunc:
+    """The PrimFunc of an activation-sparse kernel around its ``body`` macro: ``(A [m, K], thr [K],
+    w [K, Np/2], scales [nb, Np][, zeros [nb, Np]], Y [m, N])`` (without zero points the macro gets
+    the scales in their place and does not read them)."""
+    from tvm.script import tirx as T
+
+    if zero_points:
+        @T.prim_func(private=True)
+        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
+                 s: T.Buffer((nb, npad), "float32"), z: T.Buffer((nb, npad), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, k), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(a, thr, w, s, z, y, m)
+    else:
+        @T.prim_func(private=True)
+        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
+                 s: T.Buffer((nb, npad), "float32"), var_y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            m = T.int64()
+            a = T.match_buffer(var_a, (m, k), "float32")
+            y = T.match_buffer(var_y, (m, n), "float32")
+            body(a, thr, w, s, s, y, m)
+    return _finish(func)
+
+
 def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2,
                             prefetch: int = PREFETCH_ROWS) -> tirx.PrimFunc:
     """``Y[m, :N] = dequant(W) @ where(|A[m]| > thr, A[m], 0)`` reading only the weights of active inputs.
@@ -430,25 +457,7 @@ def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: boo
                     if c * step + lane < n:
                         y[r, c * step + lane] = acc[0, c * step + lane]
 
-    if zero_points:
-        @T.prim_func(private=True)
-        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
-                 s: T.Buffer((nb, npad), "float32"), z: T.Buffer((nb, npad), "float32"), var_y: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            m = T.int64()
-            a = T.match_buffer(var_a, (m, k), "float32")
-            y = T.match_buffer(var_y, (m, n), "float32")
-            body(a, thr, w, s, z, y, m)
-    else:
-        @T.prim_func(private=True)
-        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
-                 s: T.Buffer((nb, npad), "float32"), var_y: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            m = T.int64()
-            a = T.match_buffer(var_a, (m, k), "float32")
-            y = T.match_buffer(var_y, (m, n), "float32")
-            body(a, thr, w, s, s, y, m)
-    return _finish(func)
+    return _act_sparse_func(body, k, n, nb, npad, zero_points)
 
 
 # ----------------------------------------------------------------------------- int8-activation GEMV (AVX-512 VNNI)
@@ -782,25 +791,7 @@ def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points
                     if c * 16 + l < n:
                         y[r, c * 16 + l] = out[0, c * 16 + l]
 
-    if zero_points:
-        @T.prim_func(private=True)
-        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
-                 s: T.Buffer((nb, npad), "float32"), z: T.Buffer((nb, npad), "float32"), var_y: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            m = T.int64()
-            a = T.match_buffer(var_a, (m, k), "float32")
-            y = T.match_buffer(var_y, (m, n), "float32")
-            body(a, thr, w, s, z, y, m)
-    else:
-        @T.prim_func(private=True)
-        def func(var_a: T.handle, thr: T.Buffer((k,), "float32"), w: T.Buffer((k, npad // 2), "uint8"),
-                 s: T.Buffer((nb, npad), "float32"), var_y: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            m = T.int64()
-            a = T.match_buffer(var_a, (m, k), "float32")
-            y = T.match_buffer(var_y, (m, n), "float32")
-            body(a, thr, w, s, s, y, m)
-    return _finish(func)
+    return _act_sparse_func(body, k, n, nb, npad, zero_points)
 
 
 # ----------------------------------------------------------------------------- sparse weights (bitmask -> CSR)
