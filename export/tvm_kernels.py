@@ -275,21 +275,21 @@ PREFETCH_ROWS = 4  # active weight rows a thread prefetches ahead
 _LINE = 64  # cache line bytes
 
 
-def pack_act_sparse_nbits(b, scales, zero_points, k: int, n: int, block_size: int):
+def pack_act_sparse_nbits(b, scales, zero_points, k: int, n: int, block_size: int, *, lanes: int = SPARSE_LANES):
     """MatMulNBits' 4-bit ``B [N, n_blocks, block/2]`` (+ ``scales [N * n_blocks]``, optional packed
     ``zero_points``) in the input-major layout of :func:`act_sparse_matmul_nbits`: returns
     ``(w [K, Np/2] uint8, scales [n_blocks, Np] float32, zeros [n_blocks, Np] float32 or None)``,
-    ``Np = N`` rounded up to a multiple of 32. In row ``k``, byte ``c*16 + l`` holds output
-    ``c*32 + l`` in its low nibble and output ``c*32 + 16 + l`` in its high nibble, so one active
-    input channel is one contiguous stretch of ``Np/2`` bytes. Padded outputs get scale 0."""
+    ``Np = N`` rounded up to a multiple of ``2 * lanes``. In row ``k``, byte ``c*lanes + l`` holds
+    output ``c*2*lanes + l`` in its low nibble and output ``c*2*lanes + lanes + l`` in its high nibble,
+    so one active input channel is one contiguous stretch of ``Np/2`` bytes. Padded outputs get scale 0."""
     import numpy as np
 
     nb = -(-k // block_size)
-    step = 2 * SPARSE_LANES
+    step = 2 * lanes
     npad = -(-n // step) * step
     b = np.asarray(b, np.uint8).reshape(n, nb, block_size // 2)
     codes = np.stack([b & 15, b >> 4], -1).reshape(n, nb * block_size)[:, :k]  # [N, K], low nibble = even k
-    codes = np.concatenate([codes, np.full((npad - n, k), 8, np.uint8)]).T.reshape(k, npad // step, 2, SPARSE_LANES)
+    codes = np.concatenate([codes, np.full((npad - n, k), 8, np.uint8)]).T.reshape(k, npad // step, 2, lanes)
     w = np.ascontiguousarray(codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).reshape(k, npad // 2)
     s = np.zeros((nb, npad), np.float32)
     s[:, :n] = np.asarray(scales, np.float32).reshape(n, nb).T
@@ -621,26 +621,10 @@ SPARSE_INT8_CHUNK = 64  # outputs per 32 bytes of an input-major row (int8 spars
 
 def pack_act_sparse_int8(b, scales, zero_points, k: int, n: int, block: int):
     """MatMulNBits' 4-bit weights in the input-major layout of :func:`act_sparse_matmul_nbits_int8`:
-    ``(w [K, Np/2] uint8, scales [nb, Np], zeros [nb, Np] or None)``, ``Np = N`` rounded up to 64. In
-    row ``k``, byte ``c*32 + l`` holds output ``c*64 + l`` (low nibble) and ``c*64 + 32 + l`` (high):
-    32 bytes of a row are 64 outputs, so four rows' 32 bytes make the four ``vpdpbusd`` operands of
-    64 outputs after one byte permutation each."""
-    import numpy as np
-
-    nb = -(-k // block)
-    npad = -(-n // SPARSE_INT8_CHUNK) * SPARSE_INT8_CHUNK
-    b = np.asarray(b, np.uint8).reshape(n, nb, block // 2)
-    codes = np.stack([b & 15, b >> 4], -1).reshape(n, nb * block)[:, :k]
-    codes = np.concatenate([codes, np.full((npad - n, k), 8, np.uint8)]).T.reshape(k, npad // SPARSE_INT8_CHUNK, 2, 32)
-    w = np.ascontiguousarray(codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)).reshape(k, npad // 2)
-    s = np.zeros((nb, npad), np.float32)
-    s[:, :n] = np.asarray(scales, np.float32).reshape(n, nb).T
-    z = None
-    if zero_points is not None:
-        zp = np.asarray(zero_points, np.uint8).reshape(n, -1)
-        z = np.full((nb, npad), 8.0, np.float32)
-        z[:, :n] = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :nb].T
-    return w, s, z
+    :func:`pack_act_sparse_nbits` with 32-byte chunks, so that in row ``k`` byte ``c*32 + l`` holds
+    output ``c*64 + l`` (low nibble) and ``c*64 + 32 + l`` (high), ``Np`` a multiple of 64: four rows'
+    32 bytes make the four ``vpdpbusd`` operands of 64 outputs after one byte permutation each."""
+    return pack_act_sparse_nbits(b, scales, zero_points, k, n, block, lanes=SPARSE_INT8_CHUNK // 2)
 
 
 def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2,

@@ -20,6 +20,8 @@ tvm = pytest.importorskip("tvm")
 from edgecompress.export import tvm as tvm_export
 from edgecompress.export import tvm_kernels as kern
 
+needs_vnni = pytest.mark.skipif(not kern.has_vnni(kern.target_llvm()), reason="this CPU has no AVX-512 VNNI")
+
 
 def _run(func, args):
     func = func.with_attr("global_symbol", "main")
@@ -55,7 +57,13 @@ def _weights(rng, k, n, block, zero_points):
     (7, 33, 32, 1, False),       # fewer inputs than one block (and than the prefetch distance)
 ])
 @pytest.mark.parametrize("mask", ["random", "none-active", "all-active", "one-active"])
-def test_act_sparse_kernel_matches_numpy(k, n, block, m, zero_points, mask):
+@pytest.mark.parametrize("variant", ["fp32", pytest.param("int8", marks=needs_vnni)])
+def test_act_sparse_kernel_matches_numpy(k, n, block, m, zero_points, mask, variant):
+    """fp32: against the dense product of the kept values; int8 (accuracy level 4): against
+    MatMulNBits-at-level-4 math on the sparsified input (each K-block of kept values quantized to
+    int8 with scale max|kept| / 127)."""
+    from test_tvm import _int8_reference
+
     rng = np.random.default_rng(k * 7 + n + m)
     b, scales, zp = _weights(rng, k, n, block, zero_points)
     a = rng.standard_normal((m, k)).astype(np.float32)
@@ -64,15 +72,20 @@ def test_act_sparse_kernel_matches_numpy(k, n, block, m, zero_points, mask):
            "one-active": np.where(np.arange(k) == k // 2, 0, 1e9).astype(np.float32)}[mask]
     if mask == "all-active":
         a[a == 0] = 1.0
-    kept = np.where(np.abs(a) > thr, a, 0)
-    ref = kept @ _dequant(b, scales, zp, k, n, block).T
-    w, s, z = kern.pack_act_sparse_nbits(b, scales, zp, k, n, block)
-    assert w.shape == (k, -(-n // 32) * 16) and w.dtype == np.uint8  # still 4 bits per weight
+    kept = np.where(np.abs(a) > thr, a, 0).astype(np.float32)
+    if variant == "int8":
+        ref, tol, chunk = _int8_reference(kept, b, scales, zp, k, n, 4, block), 1e-5, kern.SPARSE_INT8_CHUNK
+        pack, make = kern.pack_act_sparse_int8, kern.act_sparse_matmul_nbits_int8
+    else:
+        ref, tol, chunk = kept @ _dequant(b, scales, zp, k, n, block).T, 1e-4, 2 * kern.SPARSE_LANES
+        pack, make = kern.pack_act_sparse_nbits, kern.act_sparse_matmul_nbits
+    w, s, z = pack(b, scales, zp, k, n, block)
+    assert w.shape == (k, -(-n // chunk) * chunk // 2) and w.dtype == np.uint8  # still 4 bits per weight
     args = [a, thr, w, s] + ([z] if z is not None else []) + [np.full((m, n), np.nan, np.float32)]
-    y = _run(kern.act_sparse_matmul_nbits(k, n, block, zero_points=zero_points), args)
+    y = _run(make(k, n, block, zero_points=zero_points), args)
     if mask == "none-active":
         np.testing.assert_array_equal(y, 0)
-    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * max(np.abs(ref).max(), 1))
+    np.testing.assert_allclose(y, ref, rtol=tol, atol=tol * max(np.abs(ref).max(), 1))
 
 
 # ----------------------------------------------------------------------------- converter on small graphs
@@ -152,43 +165,6 @@ def test_act_sparse_converter_matches_ort_function_body(consumers, threshold, ze
     assert ops.count(FUSED) == len(consumers) and not {"Where", "Abs", "MatMulNBits"} & set(ops)
     for y, r in zip(outs, ref):
         np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
-
-
-needs_vnni = pytest.mark.skipif(not kern.has_vnni(kern.target_llvm()), reason="this CPU has no AVX-512 VNNI")
-
-
-@needs_vnni
-@pytest.mark.parametrize("k,n,block,m,zero_points", [
-    (64, 48, 32, 1, False),      # N below one 64-output chunk
-    (96, 40, 64, 3, True),       # K padded to 2 blocks; zero points; 3 rows (prefill)
-    (576, 1536, 64, 1, False),   # SmolLM2 gate/up shape
-    (1536, 576, 128, 1, True),   # down_proj
-    (200, 33, 32, 2, False),
-    (7, 33, 32, 1, False),
-])
-@pytest.mark.parametrize("mask", ["random", "none-active", "all-active", "one-active"])
-def test_act_sparse_int8_kernel_matches_numpy(k, n, block, m, zero_points, mask):
-    """The int8-activation variant against MatMulNBits-at-level-4 math on the sparsified input: each
-    K-block of kept values quantized to int8 with scale max|kept| / 127."""
-    from test_tvm import _int8_reference
-
-    rng = np.random.default_rng(k * 7 + n + m)
-    b, scales, zp = _weights(rng, k, n, block, zero_points)
-    a = rng.standard_normal((m, k)).astype(np.float32)
-    thr = {"random": np.abs(rng.standard_normal(k)).astype(np.float32),
-           "none-active": np.full(k, 1e9, np.float32), "all-active": np.zeros(k, np.float32),
-           "one-active": np.where(np.arange(k) == k // 2, 0, 1e9).astype(np.float32)}[mask]
-    if mask == "all-active":
-        a[a == 0] = 1.0
-    kept = np.where(np.abs(a) > thr, a, 0).astype(np.float32)
-    ref = _int8_reference(kept, b, scales, zp, k, n, 4, block)
-    w, s, z = kern.pack_act_sparse_int8(b, scales, zp, k, n, block)
-    assert w.shape == (k, -(-n // 64) * 32) and w.dtype == np.uint8  # still 4 bits per weight
-    args = [a, thr, w, s] + ([z] if z is not None else []) + [np.full((m, n), np.nan, np.float32)]
-    y = _run(kern.act_sparse_matmul_nbits_int8(k, n, block, zero_points=zero_points), args)
-    if mask == "none-active":
-        np.testing.assert_array_equal(y, 0)
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * max(np.abs(ref).max(), 1))
 
 
 @needs_vnni
