@@ -28,6 +28,8 @@ import numpy as np
 def read_rows(k: int, row_bytes: int, parts: int, prefetch: int):
     from tvm.script import tirx as T
 
+    from edgecompress.export.tvm_kernels import prefetch_line
+
     lines = row_bytes // 64
 
     @T.prim_func
@@ -40,9 +42,7 @@ def read_rows(k: int, row_bytes: int, parts: int, prefetch: int):
             for j in T.serial(p * cnt[0] // parts, (p + 1) * cnt[0] // parts):
                 for c in T.serial(lines):
                     if prefetch > 0:
-                        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                                      T.address_of(w[idx[j + prefetch], c * 64]),
-                                                      T.int32(0), T.int32(3), T.int32(1)))
+                        T.evaluate(prefetch_line(T.address_of(w[idx[j + prefetch], c * 64])))
                     acc[T.ramp(0, 1, 64)] = acc[T.ramp(0, 1, 64)] ^ w[idx[j], T.ramp(c * 64, 1, 64)]
             out[p, T.ramp(0, 1, 64)] = acc[T.ramp(0, 1, 64)]
     return func

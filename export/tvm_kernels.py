@@ -275,6 +275,13 @@ PREFETCH_ROWS = 4  # active weight rows a thread prefetches ahead
 _LINE = 64  # cache line bytes
 
 
+def prefetch_line(address) -> tirx.PrimExpr:
+    """``llvm.prefetch`` (read, keep in all cache levels, data) of ``address`` (a ``T.address_of``),
+    for ``T.evaluate`` inside a kernel."""
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, tirx.const(0, "int32"),
+                                 tirx.const(3, "int32"), tirx.const(1, "int32"))
+
+
 def pack_act_sparse_nbits(b, scales, zero_points, k: int, n: int, block_size: int, *, lanes: int = SPARSE_LANES):
     """MatMulNBits' 4-bit ``B [N, n_blocks, block/2]`` (+ ``scales [N * n_blocks]``, optional packed
     ``zero_points``) in the input-major layout of :func:`act_sparse_matmul_nbits`: returns
@@ -358,8 +365,7 @@ def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: boo
     @T.macro
     def pf(w, row):
         for l in T.serial(lines):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[row, l * _LINE]),
-                                          T.int32(0), T.int32(3), T.int32(1)))
+            T.evaluate(prefetch_line(T.address_of(w[row, l * _LINE])))
 
     @T.macro
     def body(a, thr, w, s, z, y, m):
@@ -655,8 +661,7 @@ def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points
     @T.macro
     def pf(w, row):
         for l in T.serial(lines):
-            T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(w[row, l * _LINE]),
-                                          T.int32(0), T.int32(3), T.int32(1)))
+            T.evaluate(prefetch_line(T.address_of(w[row, l * _LINE])))
 
     @T.macro
     def dot(acc, p, base, codes, act):
@@ -739,9 +744,7 @@ def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points
                             for c in T.serial(chunks):
                                 if c % 2 == 0 and j0 + prefetch + 3 < hi:
                                     for e in T.unroll(4):
-                                        T.evaluate(T.call_llvm_intrin(
-                                            "void", "llvm.prefetch.p0", T.address_of(w[idx[j0 + prefetch + e], c * 32]),
-                                            T.int32(0), T.int32(3), T.int32(1)))
+                                        T.evaluate(prefetch_line(T.address_of(w[idx[j0 + prefetch + e], c * 32])))
                                 w0 = w[r0, T.ramp(c * 32, 1, 32)]
                                 w1 = w[r1, T.ramp(c * 32, 1, 32)]
                                 w2 = w[r2, T.ramp(c * 32, 1, 32)]
