@@ -12,10 +12,12 @@ decoder export writes. This module supplies a converter for each one the toolkit
 ``edgecompress::ActSparse`` in front of 4-bit ``MatMulNBits`` (activation-sparse int4 linears) ->
 the activation-sparse kernel (:mod:`.tvm_act_sparse`), which reads only the weight rows of active
 inputs. ``edgecompress::SparseMatMul`` (pruned weights) -> the 2:4 or CSR kernel (:mod:`.tvm_sparse`),
-which reads only the kept weights; an fp32 ``MatMul`` by a constant weight -> a GEMV (:mod:`.tvm_dense`). Other ``edgecompress::`` custom ops are inlined to their ONNX function bodies before import
-(their weights are then decompressed once, at compile time: they have no native TVM kernel yet;
-the manifest lists them under ``tvm.function_body_ops``, the native kernels under ``tvm.kernels``). Any other operator the importer lacks is
-an error naming the node, before any compilation.
+which reads only the kept weights; ``edgecompress::MatMulBlockQuantized`` / ``MatMulFP4`` (int3, fp4) -> kernels
+on their packed codes (:mod:`.tvm_lowbit`); an fp32 ``MatMul`` by a constant weight -> a GEMV
+(:mod:`.tvm_dense`). Other ``edgecompress::`` custom ops are inlined to their ONNX function bodies before
+import (their weights are then decompressed once, at compile time: they have no native TVM kernel;
+the manifest lists them under ``tvm.function_body_ops``, the native kernels under ``tvm.kernels``). Any
+other operator the importer lacks is an error naming the node, before any compilation.
 
 The library's calling convention (:data:`INTERFACE`) differs from the ONNX graph's: ``main(input_ids,
 *kv_cache_views, *params)`` returns the logits of every position (``logits_to_keep`` is fixed to
@@ -91,6 +93,15 @@ def _str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _lowbit_sizes(a, attr) -> tuple[int, int, int]:
+    """``(K, N, block)`` of an int3/fp4 linear: K is the input's last dimension (the custom op has no K
+    attribute; its function body reads K from the input's shape), which must be static."""
+    k = _shape(a)[-1]
+    if not isinstance(k, int) and not hasattr(k, "value"):
+        raise NotImplementedError(f"int3/fp4 linear with a symbolic input width {k}")
+    return int(k), int(attr["N"]), int(attr["block_size"])
+
+
 class _Converters:
     """Converters for ONNX Runtime contrib ops, in the Relax importer's converter protocol."""
 
@@ -128,6 +139,24 @@ class _Converters:
 
         k, n = int(attr["K"]), int(attr["N"])
         return _linear(bb, inputs[0], k, n, kern.matmul_f32(k, n), f"matmul_f32_k{k}_n{n}", [inputs[1]])
+
+    @staticmethod
+    def matmul_int3(bb, inputs, attr, params):
+        """``edgecompress::MatMulInt3`` (made by :func:`.tvm_lowbit.use_lowbit_kernels`)."""
+        from . import tvm_kernels as kern
+
+        k, n, block = _lowbit_sizes(inputs[0], attr)
+        return _linear(bb, inputs[0], k, n, kern.matmul_int3(k, n, block), f"matmul_int3_k{k}_n{n}_g{block}",
+                       list(inputs[1:3]))
+
+    @staticmethod
+    def matmul_e2m1(bb, inputs, attr, params):
+        """``edgecompress::MatMulE2M1`` (made by :func:`.tvm_lowbit.use_lowbit_kernels`)."""
+        from . import tvm_kernels as kern
+
+        k, n, block = _lowbit_sizes(inputs[0], attr)
+        return _linear(bb, inputs[0], k, n, kern.matmul_nbits(k, n, 4, block, zero_points=False, e2m1=True),
+                       f"matmul_e2m1_k{k}_n{n}_g{block}", list(inputs[1:3]))
 
     @staticmethod
     def sparse_matmul_2of4(bb, inputs, attr, params):
@@ -304,6 +333,8 @@ CONTRIB_CONVERTERS = {
     "SparseMatMulCSR": _Converters.sparse_matmul_csr,
     "MatMulF32": _Converters.matmul_f32,
     "SparseMatMul2of4": _Converters.sparse_matmul_2of4,
+    "MatMulInt3": _Converters.matmul_int3,
+    "MatMulE2M1": _Converters.matmul_e2m1,
 }
 
 
@@ -330,7 +361,7 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 
 def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = True,
-            parts: int = 2, int8: bool = False, sparse: bool = True,
+            parts: int = 2, int8: bool = False, sparse: bool = True, lowbit: bool = True,
             avx512: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded
     (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
@@ -340,7 +371,8 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
     at ``accuracy_level`` 4 run int8-activation kernels: the activation-sparse one after an
     ActSparse, :mod:`.tvm_int8`'s dense one elsewhere. With ``sparse``, each ``SparseMatMul`` (pruned
     weights, stored compressed) runs a sparse kernel of :mod:`.tvm_sparse` (the 2:4 one needs
-    ``avx512``) instead of a dense MatMul.
+    ``avx512``) instead of a dense MatMul. With ``lowbit``, int3 and fp4 linears (``MatMulBlockQuantized``,
+    ``MatMulFP4``) run :mod:`.tvm_lowbit`'s kernels on their packed codes instead of a folded fp32 weight.
 
     Returns the model and the custom ops that run as their function bodies.
     """
@@ -348,7 +380,11 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
                      if n.domain not in ("", "ai.onnx", "com.microsoft")})
     from .tvm_sparse import SOURCE, sparse_outputs, use_sparse_kernels
 
+    from .tvm_lowbit import lowbit_outputs, use_lowbit_kernels
+
     marked = sparse_outputs(model) if sparse else {}  # before inlining, which erases the op
+    packed = lowbit_outputs(model) if lowbit else {}
+    source_model = model
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
     model = onnx.ModelProto.FromString(model.SerializeToString())  # a copy we may edit
@@ -366,6 +402,10 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
         if done.linears and not done.kept:
             custom = [c for c in custom if c != f"edgecompress::{SOURCE}"]
         log.info("sparse-weight kernels for %d of %d SparseMatMul", done.linears, len(marked))
+    if packed:
+        done = use_lowbit_kernels(model, packed)
+        custom = [c for c in custom if c not in done.all_native(source_model)]
+        log.info("int3/fp4 kernels for %d of %d low-bit custom linears", done.linears, len(packed))
     from .tvm_dense import use_dense_kernels
 
     dense = use_dense_kernels(model)
@@ -503,7 +543,7 @@ def _native_kernels(model: onnx.ModelProto) -> dict[str, int]:
     names = {"MatMulNBits": "matmul_nbits", "GatherBlockQuantized": "gather_block_quantized",
              FUSED: "act_sparse_matmul_nbits", "MatMulNBitsInt8": "matmul_nbits_int8",
              "SparseMatMulCSR": "sparse_matmul_csr", "SparseMatMul2of4": "sparse_matmul_2of4",
-             "MatMulF32": "matmul_f32",
+             "MatMulF32": "matmul_f32", "MatMulInt3": "matmul_int3", "MatMulE2M1": "matmul_e2m1",
              "GroupQueryAttention": "attention"}
     counts: dict[str, int] = {}
     for n in model.graph.node:
@@ -535,12 +575,14 @@ def _max_positions(model: onnx.ModelProto) -> int | None:
 
 
 def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None = None,
-                  threads: int | None = None, act_sparse: bool = True, int8: bool | None = None) -> dict[str, Any]:
+                  threads: int | None = None, act_sparse: bool = True, int8: bool | None = None,
+                  lowbit: bool = True) -> dict[str, Any]:
     """Compile the KV-cache decoder at ``onnx_path`` into ``dest`` (``model.so`` +
     ``params.safetensors``) for ``target`` (default: LLVM for ``mcpu``, default this machine's
     CPU); returns the manifest's ``tvm`` section: what the library needs to load (TVM version,
     triple, CPU, calling convention) and what compiling it cost. ``int8``: MatMulNBits at
-    accuracy level 4 on the int8-activation kernel (default: when the target CPU has VNNI)."""
+    accuracy level 4 on the int8-activation kernel (default: when the target CPU has VNNI). ``lowbit``:
+    int3/fp4 linears on their native kernels (else folded to fp32 weights, as before those kernels)."""
     from safetensors.numpy import save_file
 
     from . import tvm_kernels as kern
@@ -552,7 +594,7 @@ def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None 
     if int8 is None:
         int8 = kern.has_vnni(target)
     prepared, custom = prepare(model, logits_to_keep=0, act_sparse=act_sparse, parts=threads or 2, int8=int8,
-                               avx512=kern.has_avx512(target))
+                               lowbit=lowbit, avx512=kern.has_avx512(target))
     kernels = _native_kernels(prepared)
     layout["max_positions"] = _max_positions(prepared)
     mod, params = import_relax(prepared)

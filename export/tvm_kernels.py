@@ -68,13 +68,28 @@ def _vector_reduce(sch: s_tir.Schedule, block: str, lanes: int, *, parallel_axis
     sch.decompose_reduction(rf, reductions[0])
 
 
-def matmul_nbits(k: int, n: int, bits: int, block_size: int, *, zero_points: bool) -> tirx.PrimFunc:
+def e2m1_value(code: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The float32 value of a 4-bit E2M1 code (uint8 ``0..15``): sign bit 3, exponent bits 2..1,
+    mantissa bit 0 (``0, 0.5, 1, 1.5, 2, 3, 4, 6`` and their negatives), without a table: the code's
+    magnitude bits shifted into float32's exponent/mantissa boundary (``m << 22``) read as a float are
+    exactly ``value * 2^-126`` (denormal for ``m = 1``), so one multiply by ``2^126`` restores it."""
+    c = code.astype("int32")
+    bits = ((c & tirx.const(7, "int32")) << tirx.const(22, "int32")) | (
+        (c & tirx.const(8, "int32")) << tirx.const(28, "int32"))
+    return tirx.reinterpret("float32", bits) * tirx.const(2.0 ** 126, "float32")
+
+
+def matmul_nbits(k: int, n: int, bits: int, block_size: int, *, zero_points: bool,
+                 e2m1: bool = False) -> tirx.PrimFunc:
     """``Y[m, n] = A[m, :K] @ dequant(B)[n, :K]`` for MatMulNBits' layout:
     ``B`` uint8 ``[N, n_blocks, block_size * bits / 8]`` (4-bit: low nibble = even k), ``scales``
     float32 ``[N * n_blocks]``, optional ``zero_points`` uint8 (4-bit: two per byte, low first;
-    8-bit: one per byte; default 8 / 128)."""
+    8-bit: one per byte; default 8 / 128). With ``e2m1`` the 4-bit codes are FP4 (E2M1) values,
+    ``w = e2m1(code) * scale`` (``edgecompress::MatMulFP4``'s layout; no zero points)."""
     if bits not in (4, 8):
         raise NotImplementedError(f"MatMulNBits kernel: {bits}-bit codes (4 and 8 are supported)")
+    if e2m1 and (bits != 4 or zero_points):
+        raise ValueError("E2M1 codes are 4-bit, without zero points")
     nb = -(-k // block_size)
     blob = block_size * bits // 8
     m = tirx.Var("m", "int64")
@@ -108,9 +123,12 @@ def matmul_nbits(k: int, n: int, bits: int, block_size: int, *, zero_points: boo
 
         def body(m_, n_):
             byte = b[n_, rb, rj]
-            z = zero(n_, rb)
-            lo = (byte & tirx.const(15, "uint8")).astype("float32") - z
-            hi = (byte >> tirx.const(4, "uint8")).astype("float32") - z
+            if e2m1:
+                lo, hi = e2m1_value(byte & tirx.const(15, "uint8")), e2m1_value(byte >> tirx.const(4, "uint8"))
+            else:
+                z = zero(n_, rb)
+                lo = (byte & tirx.const(15, "uint8")).astype("float32") - z
+                hi = (byte >> tirx.const(4, "uint8")).astype("float32") - z
             base = rb * block_size + rj
             return te.sum(s[n_ * nb + rb] * (a2[m_, base] * lo + a2[m_, base + half] * hi), axis=[rb, rj])
         lanes = _lanes(half)
@@ -126,6 +144,48 @@ def matmul_nbits(k: int, n: int, bits: int, block_size: int, *, zero_points: boo
     sch = s_tir.Schedule(te.create_prim_func(args))
     _vector_reduce(sch, "Y", lanes, parallel_axis=1)
     # the deinterleave is one activation row: a plain loop beside the kernel
+    return _finish(sch.mod["main"])
+
+
+def matmul_int3(k: int, n: int, block_size: int) -> tirx.PrimFunc:
+    """``Y[m, n] = A[m, :K] @ dequant(B)[n, :K]`` for ``edgecompress::MatMulBlockQuantized``: symmetric
+    3-bit codes as three bit planes per block (``B`` uint8 ``[N, n_blocks, 3 * block / 8]``, plane ``p``
+    holds bit ``p`` of codes ``8j .. 8j + 7`` in byte ``j``), ``scales`` float32 ``[N * n_blocks]``,
+    ``w = (code - 4) * scale``. The activation row is deinterleaved per block (position ``8j + b`` to
+    ``b * block/8 + j``) so that for each bit ``b`` the inner loop reads ``block/8`` consecutive bytes of
+    each plane against ``block/8`` consecutive activations, on vector lanes."""
+    if block_size % 8:
+        raise ValueError(f"3-bit blocks are multiples of 8 codes, got {block_size}")
+    nb = -(-k // block_size)
+    plane = block_size // 8
+    m = tirx.Var("m", "int64")
+    a = te.placeholder((m, k), "float32", name="A")
+    b = te.placeholder((n, nb, 3 * plane), "uint8", name="B")
+    s = te.placeholder((n * nb,), "float32", name="scales")
+
+    def a_index(i):  # deinterleaved position i -> original k
+        blk, r = i // block_size, i % block_size
+        return blk * block_size + (r % plane) * 8 + r // plane
+
+    a2 = te.compute((m, nb * block_size), lambda m_, i: tirx.if_then_else(
+        a_index(i) < k, a[m_, tirx.min(a_index(i), k - 1)], tirx.const(0.0, "float32")), name="A_blocked")
+    rb = te.reduce_axis((0, nb), "rb")
+    rbit = te.reduce_axis((0, 8), "rbit")
+    rj = te.reduce_axis((0, plane), "rj")
+    zero = tirx.const(0.0, "float32")
+
+    def body(m_, n_):
+        # (code - 4) * x as the sum of x over the code's set bits, weighted 1, 2, 4: a bit test and
+        # a masked add per plane, no integer unpacking
+        bit = tirx.const(1, "uint8") << rbit.astype("uint8")
+        x = a2[m_, rb * block_size + rbit * plane + rj]
+        planes = [tirx.Select((b[n_, rb, p * plane + rj] & bit) != tirx.const(0, "uint8"), x, zero) for p in range(3)]
+        w = planes[0] + planes[1] * tirx.const(2.0, "float32") + planes[2] * tirx.const(4.0, "float32") \
+            - x * tirx.const(4.0, "float32")
+        return te.sum(s[n_ * nb + rb] * w, axis=[rb, rbit, rj])
+    y = te.compute((m, n), body, name="Y")
+    sch = s_tir.Schedule(te.create_prim_func([a, b, s, y]))
+    _vector_reduce(sch, "Y", _lanes(plane), parallel_axis=1)
     return _finish(sch.mod["main"])
 
 
@@ -469,6 +529,7 @@ def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: boo
 # ----------------------------------------------------------------------------- int8-activation GEMV (AVX-512 VNNI)
 
 VNNI_TILE = 16  # outputs per int32x16 accumulator
+ROW_TILE = 4  # activation rows per weight read in the int8 kernel's prefill (GEMM) loop
 VNNI_FEATURES = ("avx512vnni", "avx512bw")
 
 
@@ -523,12 +584,14 @@ def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points
     MatMulNBits does at ``accuracy_level`` 4: per row and K-block, ``a_q = round(a * 127 / max|a|)``;
     per output and block, ``(sum_k code * a_q - zero * sum_k a_q) * scale * max|a| / 127``.
 
-    Arguments: ``A [m, K]`` float32 and the layout of :func:`pack_nbits_int8`. A serial pass per row
-    quantizes the activations (four int8 values packed per int32); then the tiles of 16 outputs
-    are split between the threads, and per block each tile accumulates ``vpdpbusd`` (AVX-512 VNNI:
-    64 unsigned-code x signed-activation byte products into 16 int32 lanes per instruction; 4-bit
-    codes need one mask or shift per 64 bytes) before one float multiply-add per block. Needs a
-    target with :data:`VNNI_FEATURES` (:func:`has_vnni`)."""
+    Arguments: ``A [m, K]`` float32 and the layout of :func:`pack_nbits_int8`. A serial pass
+    quantizes every row's activations (four int8 values packed per int32); then the tiles of 16
+    outputs are split between the threads, and per block each tile accumulates ``vpdpbusd`` (AVX-512
+    VNNI: 64 unsigned-code x signed-activation byte products into 16 int32 lanes per instruction;
+    4-bit codes need one mask or shift per 64 bytes) before one float multiply-add per block. Rows
+    go :data:`ROW_TILE` at a time (a GEMM for prefill: each weight load serves four rows), the
+    remainder (decode's single row) one at a time. Needs a target with :data:`VNNI_FEATURES`
+    (:func:`has_vnni`)."""
     from tvm.script import tirx as T
 
     if bits not in (4, 8):
@@ -541,25 +604,67 @@ def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points
     zero = 8.0 if bits == 4 else 128.0
 
     @T.macro
-    def dot(acc, codes, act):
-        acc[T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
-            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[T.ramp(0, 1, lanes)],
+    def dot(acc, rr, c, codes, act):
+        acc[rr, c, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
+            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[rr, c, T.ramp(0, 1, lanes)],
             T.reinterpret("int8x64", codes), T.reinterpret("int8x64", T.broadcast(act, lanes)))
+
+    def row_tile(rows):
+        """``rows`` activation rows against one tile of 16 outputs: each 64-byte weight load feeds
+        ``2 * rows`` vpdpbusd (two chains per row, low and high nibbles / even and odd steps)."""
+        @T.macro
+        def tile(w, s, z, y, aq, sa, qs, t, r0):
+            acci = T.alloc_buffer((rows, 2, lanes), "int32", scope="local")
+            accf = T.alloc_buffer((rows, lanes), "float32", scope="local")
+            for rr in T.unroll(rows):
+                accf[rr, T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+            for bi in T.serial(nb):
+                for rr in T.unroll(rows):
+                    for c in T.unroll(2):
+                        acci[rr, c, T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                if bits == 4:
+                    for j in T.serial(steps):
+                        wv = w[t, bi, j, T.ramp(0, 1, 4 * lanes)]
+                        lo = T.bitwise_and(wv, T.broadcast(T.uint8(15), 4 * lanes))
+                        hi = T.shift_right(wv, T.broadcast(T.uint8(4), 4 * lanes))
+                        for rr in T.unroll(rows):
+                            dot(acci, rr, 0, lo, aq[r0 + rr, bi, 2 * j])
+                            dot(acci, rr, 1, hi, aq[r0 + rr, bi, 2 * j + 1])
+                else:
+                    for j in T.serial(steps // 2):
+                        for rr in T.unroll(rows):
+                            dot(acci, rr, 0, w[t, bi, 2 * j, T.ramp(0, 1, 4 * lanes)], aq[r0 + rr, bi, 2 * j])
+                            dot(acci, rr, 1, w[t, bi, 2 * j + 1, T.ramp(0, 1, 4 * lanes)], aq[r0 + rr, bi, 2 * j + 1])
+                for rr in T.unroll(rows):
+                    if zero_points:
+                        zv = z[t, bi, T.ramp(0, 1, lanes)] * T.broadcast(qs[r0 + rr, bi], lanes)
+                    else:
+                        zv = T.broadcast(T.float32(zero) * qs[r0 + rr, bi], lanes)
+                    accf[rr, T.ramp(0, 1, lanes)] = accf[rr, T.ramp(0, 1, lanes)] + (T.Cast(
+                        "float32x16", acci[rr, 0, T.ramp(0, 1, lanes)] + acci[rr, 1, T.ramp(0, 1, lanes)]) - zv) * (
+                        s[t, bi, T.ramp(0, 1, lanes)] * T.broadcast(sa[r0 + rr, bi], lanes))
+            for rr in T.unroll(rows):
+                for o in T.serial(lanes):
+                    if t * lanes + o < n:
+                        y[r0 + rr, t * lanes + o] = accf[rr, o]
+        return tile
+
+    gemm_tile, gemv_tile = row_tile(ROW_TILE), row_tile(1)
 
     @T.macro
     def body(a, w, s, z, y, m):
-        aq = T.alloc_buffer((nb, quads), "int32")
-        sa = T.alloc_buffer((nb,), "float32")
-        qs = T.alloc_buffer((nb,), "float32")
+        aq = T.alloc_buffer((m, nb, quads), "int32")
+        sa = T.alloc_buffer((m, nb), "float32")
+        qs = T.alloc_buffer((m, nb), "float32")
         amax = T.alloc_buffer((1,), "float32")
         qsum = T.alloc_buffer((1,), "int32")
-        for r in T.serial(m):
+        for r in T.serial(m):  # quantize every row first: the weights are then read once per row tile
             for bi in T.serial(nb):
                 amax[0] = T.float32(0)
                 for i in T.serial(block_size):
                     if bi * block_size + i < k:
                         amax[0] = T.max(amax[0], T.abs(a[r, bi * block_size + i]))
-                sa[bi] = amax[0] / T.float32(127)
+                sa[r, bi] = amax[0] / T.float32(127)
                 qsum[0] = 0
                 for q in T.serial(quads):
                     packed = T.uint32(0)
@@ -570,36 +675,13 @@ def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points
                             v * (T.float32(127) / T.max(amax[0], T.float32(1e-30))))), 0)
                         qsum[0] = qsum[0] + qv
                         packed = packed | T.shift_left(T.Cast("uint32", T.bitwise_and(qv, 255)), T.uint32(8 * e))
-                    aq[bi, q] = T.reinterpret("int32", packed)
-                qs[bi] = T.Cast("float32", qsum[0])
-            for t in T.parallel(nt):
-                accf = T.alloc_buffer((lanes,), "float32", scope="local")
-                acci = T.alloc_buffer((lanes,), "int32", scope="local")
-                acc2 = T.alloc_buffer((lanes,), "int32", scope="local")  # a second chain: vpdpbusd's latency
-                accf[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-                for bi in T.serial(nb):
-                    acci[T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                    acc2[T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                    if bits == 4:
-                        for j in T.serial(steps):
-                            wv = w[t, bi, j, T.ramp(0, 1, 4 * lanes)]
-                            dot(acci, T.bitwise_and(wv, T.broadcast(T.uint8(15), 4 * lanes)), aq[bi, 2 * j])
-                            dot(acc2, T.shift_right(wv, T.broadcast(T.uint8(4), 4 * lanes)), aq[bi, 2 * j + 1])
-                    else:
-                        for j in T.serial(steps // 2):
-                            dot(acci, w[t, bi, 2 * j, T.ramp(0, 1, 4 * lanes)], aq[bi, 2 * j])
-                            dot(acc2, w[t, bi, 2 * j + 1, T.ramp(0, 1, 4 * lanes)], aq[bi, 2 * j + 1])
-                    acci[T.ramp(0, 1, lanes)] = acci[T.ramp(0, 1, lanes)] + acc2[T.ramp(0, 1, lanes)]
-                    if zero_points:
-                        zv = z[t, bi, T.ramp(0, 1, lanes)] * T.broadcast(qs[bi], lanes)
-                    else:
-                        zv = T.broadcast(T.float32(zero) * qs[bi], lanes)
-                    accf[T.ramp(0, 1, lanes)] = accf[T.ramp(0, 1, lanes)] + (
-                        T.Cast("float32x16", acci[T.ramp(0, 1, lanes)]) - zv) * s[t, bi, T.ramp(0, 1, lanes)] * (
-                        T.broadcast(sa[bi], lanes))
-                for o in T.serial(lanes):
-                    if t * lanes + o < n:
-                        y[r, t * lanes + o] = accf[o]
+                    aq[r, bi, q] = T.reinterpret("int32", packed)
+                qs[r, bi] = T.Cast("float32", qsum[0])
+        for t in T.parallel(nt):
+            for g in T.serial(m // ROW_TILE):  # prefill: ROW_TILE rows per weight read
+                gemm_tile(w, s, z, y, aq, sa, qs, t, g * ROW_TILE)
+            for r in T.serial(m % ROW_TILE):  # decode (m = 1) and the last rows
+                gemv_tile(w, s, z, y, aq, sa, qs, t, m // ROW_TILE * ROW_TILE + r)
 
     if zero_points:
         @T.prim_func(private=True)

@@ -78,14 +78,10 @@ def _cache_key(artifact: Artifact) -> str:
     # graph loaded without verification (--no-verify) does not reuse another graph's library
     onnx_files[artifact.onnx_path.name] = hashlib.sha256(artifact.onnx_path.read_bytes()).hexdigest()
     import edgecompress.export.tvm as compiler
-    import edgecompress.export.tvm_act_sparse as act_sparse
-    import edgecompress.export.tvm_int8 as int8
-    import edgecompress.export.tvm_kernels as kernels
-    import edgecompress.export.tvm_dense as dense
-    import edgecompress.export.tvm_sparse as sparse
 
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                   for m in (compiler, kernels, act_sparse, int8, sparse, dense))).hexdigest()
+    # every compiler module (tvm.py, tvm_kernels.py, the tvm_* rewrites): a new kernel recompiles
+    sources = sorted(Path(compiler.__file__).parent.glob("tvm*.py"))
+    code = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources)).hexdigest()
     blob = json.dumps({"onnx": onnx_files, "host": host(), "interface": INTERFACE, "compiler": code}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

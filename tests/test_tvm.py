@@ -95,6 +95,8 @@ needs_vnni = pytest.mark.skipif(not kern.has_vnni(kern.target_llvm()), reason="t
     (576, 33, 4, 128, 5, False),
     (1536, 576, 4, 128, 1, True),  # SmolLM2's down_proj
     (576, 200, 8, 64, 1, False),   # the int8 head's shape, fewer rows
+    (576, 40, 4, 64, 9, True),     # prefill: two 4-row tiles and a last row
+    (160, 24, 8, 32, 8, False),    # 8-bit codes, row tiles only
 ])
 def test_int8_activation_kernel_matches_numpy(k, n, bits, block, m, zero_points):
     rng = np.random.default_rng(k + n + m + bits)
