@@ -677,11 +677,14 @@ def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points
                         packed = packed | T.shift_left(T.Cast("uint32", T.bitwise_and(qv, 255)), T.uint32(8 * e))
                     aq[r, bi, q] = T.reinterpret("int32", packed)
                 qs[r, bi] = T.Cast("float32", qsum[0])
-        for t in T.parallel(nt):
-            for g in T.serial(m // ROW_TILE):  # prefill: ROW_TILE rows per weight read
-                gemm_tile(w, s, z, y, aq, sa, qs, t, g * ROW_TILE)
-            for r in T.serial(m % ROW_TILE):  # decode (m = 1) and the last rows
-                gemv_tile(w, s, z, y, aq, sa, qs, t, m // ROW_TILE * ROW_TILE + r)
+        if m >= ROW_TILE:
+            for t in T.parallel(nt):
+                for g in T.serial(m // ROW_TILE):  # prefill: ROW_TILE rows per weight read
+                    gemm_tile(w, s, z, y, aq, sa, qs, t, g * ROW_TILE)
+        if m % ROW_TILE > 0:
+            for t in T.parallel(nt):  # decode (m = 1) and the last rows: a parallel region of its own
+                for r in T.serial(m % ROW_TILE):
+                    gemv_tile(w, s, z, y, aq, sa, qs, t, m // ROW_TILE * ROW_TILE + r)
 
     if zero_points:
         @T.prim_func(private=True)
