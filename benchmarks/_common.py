@@ -35,3 +35,21 @@ def held_out_metrics(model: Any, held_out: torch.Tensor, ref_logits: list[np.nda
         for row, ref in zip(held_out, ref_logits):
             m.update(ref, model(input_ids=row[None], use_cache=False).logits[0].float().numpy(), row.numpy())
     return m.result()
+
+
+def interleaved_medians(kernels: dict[str, tuple], calls: int, repeats: int) -> dict[str, float]:
+    """Seconds per call of each ``name: (function, argument sets, ...)``, the median of ``repeats`` rounds;
+    each round times every kernel in turn (a change in the machine's load hits all alike), ``calls``
+    calls cycling through its argument sets (copies of the weights, so that they come from DRAM)."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in kernels}
+    for _ in range(repeats):
+        for name, (f, arg_sets, *_) in kernels.items():
+            f(*arg_sets[0])
+            t0 = time.perf_counter()
+            for i in range(calls):
+                f(*arg_sets[i % len(arg_sets)])
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: statistics.median(v) for name, v in times.items()}

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import interleaved_medians  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -60,15 +60,7 @@ def main() -> None:
             nbytes = sum(w.nbytes for w in weights)
             copies = [[x, *(tvm.runtime.tensor(w) for w in weights), y] for _ in range(max(2, int(128e6 / nbytes)))]
             kernels[name] = (build(func), copies, nbytes)
-        times = {name: [] for name in kernels}
-        for _ in range(args.repeats):
-            for name, (f, arg_sets, _) in kernels.items():
-                f(*arg_sets[0])
-                t0 = time.perf_counter()
-                for i in range(100):
-                    f(*arg_sets[i % len(arg_sets)])
-                times[name].append((time.perf_counter() - t0) / 100)
-        med = {name: statistics.median(v) for name, v in times.items()}
+        med = interleaved_medians(kernels, 100, args.repeats)
         row = {"k": k, "n": n, **{f"{name}_us": round(v * 1e6, 1) for name, v in med.items()},
                **{f"{name}_gbs": round(kernels[name][2] / v / 1e9, 1) for name, v in med.items()},
                **{f"{name}_over_fp32": round(med["dense_fp32"] / v, 2) for name, v in med.items() if name != "dense_fp32"}}

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import interleaved_medians  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -60,15 +60,7 @@ def main() -> None:
             idx, v24 = kern.pack_sparse_2of4(w, mask, "float16")
             kernels["2of4"] = (build(kern.sparse_matmul_2of4(k, n, "float16")), [[t(x), t(idx), t(v24), y] for _ in copies],
                                idx.nbytes + v24.nbytes)
-        times = {name: [] for name in kernels}
-        for _ in range(args.repeats):
-            for name, (f, arg_sets, _) in kernels.items():
-                f(*arg_sets[0])
-                t0 = time.perf_counter()
-                for i in range(200):
-                    f(*arg_sets[i % len(arg_sets)])
-                times[name].append((time.perf_counter() - t0) / 200)
-        med = {name: statistics.median(v) for name, v in times.items()}
+        med = interleaved_medians(kernels, 200, args.repeats)
         row = {"k": k, "n": n, **{f"{name}_us": round(v * 1e6, 1) for name, v in med.items()},
                **{f"{name}_bytes": kernels[name][2] for name in med},
                **{f"{name}_over_dense": round(med["dense_fp32"] / v, 2) for name, v in med.items() if name != "dense_fp32"}}
