@@ -53,3 +53,18 @@ def interleaved_medians(kernels: dict[str, tuple], calls: int, repeats: int) -> 
                 f(*arg_sets[i % len(arg_sets)])
             times[name].append((time.perf_counter() - t0) / calls)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def tvm_kernel_builder(threads: int):
+    """``(tvm_kernels module, build)`` for kernel microbenchmarks: TVM's pool sized to ``threads``, and
+    ``build(prim_func)`` compiling one kernel for this CPU and returning it callable."""
+    import tvm
+
+    from edgecompress.export import tvm_kernels as kern
+
+    target = kern.target_llvm(threads=kern.set_threads(threads))
+
+    def build(func):
+        return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
+
+    return kern, build

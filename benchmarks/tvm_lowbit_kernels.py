@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import interleaved_medians  # benchmarks/ is on sys.path when a script runs
+from _common import interleaved_medians, tvm_kernel_builder  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -33,12 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     import tvm
 
-    from edgecompress.export import tvm_kernels as kern
-
-    target = kern.target_llvm(threads=kern.set_threads(args.threads))
-
-    def build(func):
-        return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
+    kern, build = tvm_kernel_builder(args.threads)
 
     rows = []
     for shape in args.shapes:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import interleaved_medians  # benchmarks/ is on sys.path when a script runs
+from _common import interleaved_medians, tvm_kernel_builder  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -28,12 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     import tvm
 
-    from edgecompress.export import tvm_kernels as kern
-
-    target = kern.target_llvm(threads=kern.set_threads(args.threads))
-
-    def build(func):
-        return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
+    kern, build = tvm_kernel_builder(args.threads)
 
     rows = []
     for k, n in ((576, 1536), (1536, 576), (576, 576), (576, 192)):
@@ -56,7 +51,7 @@ def main() -> None:
                    "csr": (build(kern.sparse_matmul_csr(k, n, int(mask.sum()), "float16")),
                            [[t(x), t(row_ptr), t(cols), t(vals), y] for _ in copies],
                            row_ptr.nbytes + cols.nbytes + vals.nbytes)}
-        if kern.has_avx512(target):
+        if kern.has_avx512(kern.target_llvm()):
             idx, v24 = kern.pack_sparse_2of4(w, mask, "float16")
             kernels["2of4"] = (build(kern.sparse_matmul_2of4(k, n, "float16")), [[t(x), t(idx), t(v24), y] for _ in copies],
                                idx.nbytes + v24.nbytes)
