@@ -62,7 +62,8 @@ def main() -> None:
 
     kern.set_threads(args.threads)
     target = kern.target_llvm(threads=args.threads)
-    int8 = kern.has_vnni(target)
+    isa = kern.int8_isa(target)
+    int8 = isa is not None
     dev = tvm.cpu()
 
     def build(func):
@@ -90,11 +91,11 @@ def main() -> None:
                                   [(t(ws), t(ss)) for _ in copies], ws.shape[1], ss.shape[1])}
         if int8:
             w8, s8, _ = kern.pack_nbits_int8(b, scales, None, k, n, 4, block)
-            kernels["dense_int8"] = (build(kern.matmul_nbits_int8(k, n, 4, block, zero_points=False)),
+            kernels["dense_int8"] = (build(kern.matmul_nbits_int8(k, n, 4, block, zero_points=False, isa=isa)),
                                      [[t(x), t(w8), t(s8), y] for _ in copies])
-            wi, si, _ = kern.pack_act_sparse_int8(b, scales, None, k, n, block)
+            wi, si, _ = kern.pack_act_sparse_int8(b, scales, None, k, n, block, isa=isa)
             sparse["sparse_int8"] = (build(kern.act_sparse_matmul_nbits_int8(k, n, block, zero_points=False,
-                                                                              parts=args.threads)),
+                                                                              parts=args.threads, isa=isa)),
                                      [(t(wi), t(si)) for _ in copies], wi.shape[1], si.shape[1])
         for sparsity in (float(v) for v in args.sparsities.split(",")):
             thr = np.full(k, np.quantile(np.abs(x), sparsity) if sparsity else 0.0, np.float32)
@@ -120,7 +121,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "vnni": int8, "dram": args.dram, "rows": rows},
+        args.json.write_text(json.dumps({"threads": args.threads, "int8_isa": isa, "dram": args.dram, "rows": rows},
                                         indent=1) + "\n")
 
 

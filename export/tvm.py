@@ -31,6 +31,7 @@ beside the library and bound once at load time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -128,7 +129,8 @@ class _Converters:
         a, w, scales = inputs[:3]
         zeros = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
         k, n, bits, block = (int(attr[x]) for x in ("K", "N", "bits", "block_size"))
-        return _linear(bb, a, k, n, kern.matmul_nbits_int8(k, n, bits, block, zero_points=zeros is not None),
+        isa = kern.isa_of_code(int(attr.get("int8", 1)))
+        return _linear(bb, a, k, n, kern.matmul_nbits_int8(k, n, bits, block, zero_points=zeros is not None, isa=isa),
                        f"matmul_nbits_int8_k{k}_n{n}_b{bits}_g{block}{'_zp' if zeros is not None else ''}",
                        [w, scales] + ([zeros] if zeros is not None else []))
 
@@ -185,8 +187,10 @@ class _Converters:
         x, thr, w, scales = inputs[:4]
         zeros = inputs[4] if len(inputs) > 4 and inputs[4] is not None else None
         k, n, block, parts = (int(attr[a]) for a in ("K", "N", "block_size", "parts"))
-        int8 = bool(int(attr.get("int8", 0)))
-        make = kern.act_sparse_matmul_nbits_int8 if int8 else kern.act_sparse_matmul_nbits
+        code = int(attr.get("int8", 0))
+        int8 = code > 0
+        make = (functools.partial(kern.act_sparse_matmul_nbits_int8, isa=kern.isa_of_code(code)) if int8
+                else kern.act_sparse_matmul_nbits)
         return _linear(bb, x, k, n, make(k, n, block, zero_points=zeros is not None, parts=parts),
                        f"act_sparse_matmul_nbits{'_int8' if int8 else ''}_k{k}_n{n}_g{block}"
                        f"{'_zp' if zeros is not None else ''}", [thr, w, scales] + ([zeros] if zeros is not None else []))
@@ -361,13 +365,14 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 
 def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = True,
-            parts: int = 2, int8: bool = False, sparse: bool = True, lowbit: bool = True,
+            parts: int = 2, int8: str | bool | None = None, sparse: bool = True, lowbit: bool = True,
             avx512: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded
     (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
     inputs, Relax could not fold them and would recompute them every token. With ``act_sparse``,
     ``ActSparse`` -> 4-bit ``MatMulNBits`` pairs become the native activation-sparse kernel
-    (:mod:`.tvm_act_sparse`, ``parts`` threads). With ``int8`` (a CPU with VNNI), ``MatMulNBits``
+    (:mod:`.tvm_act_sparse`, ``parts`` threads). With ``int8`` (the target's byte dot product,
+    ``"vnni"`` or ``"avx2"``: :func:`.tvm_kernels.int8_isa`; True means ``"vnni"``), ``MatMulNBits``
     at ``accuracy_level`` 4 run int8-activation kernels: the activation-sparse one after an
     ActSparse, :mod:`.tvm_int8`'s dense one elsewhere. With ``sparse``, each ``SparseMatMul`` (pruned
     weights, stored compressed) runs a sparse kernel of :mod:`.tvm_sparse` (the 2:4 one needs
@@ -378,6 +383,7 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
     """
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
                      if n.domain not in ("", "ai.onnx", "com.microsoft")})
+    int8 = "vnni" if int8 is True else (int8 or None)
     from .tvm_sparse import SOURCE, sparse_outputs, use_sparse_kernels
 
     from .tvm_lowbit import lowbit_outputs, use_lowbit_kernels
@@ -423,9 +429,9 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
     if int8:
         from .tvm_int8 import use_int8_kernels
 
-        done = use_int8_kernels(model)
+        done = use_int8_kernels(model, isa=int8)
         if done.linears:
-            log.info("int8-activation (VNNI) kernel for %d MatMulNBits at accuracy level 4", done.linears)
+            log.info("int8-activation (%s) kernel for %d MatMulNBits at accuracy level 4", int8, done.linears)
     return _inplace_kv_interface(model), custom
 
 
@@ -549,7 +555,7 @@ def _native_kernels(model: onnx.ModelProto) -> dict[str, int]:
     for n in model.graph.node:
         if n.op_type in names:
             name = names[n.op_type]
-            if n.op_type == FUSED and any(a.name == "int8" and a.i for a in n.attribute):
+            if n.op_type == FUSED and any(a.name == "int8" and a.i > 0 for a in n.attribute):
                 name += "_int8"
             counts[name] = counts.get(name, 0) + 1
     return counts
@@ -575,13 +581,14 @@ def _max_positions(model: onnx.ModelProto) -> int | None:
 
 
 def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None = None,
-                  threads: int | None = None, act_sparse: bool = True, int8: bool | None = None,
+                  threads: int | None = None, act_sparse: bool = True, int8: str | bool | None = None,
                   lowbit: bool = True) -> dict[str, Any]:
     """Compile the KV-cache decoder at ``onnx_path`` into ``dest`` (``model.so`` +
     ``params.safetensors``) for ``target`` (default: LLVM for ``mcpu``, default this machine's
     CPU); returns the manifest's ``tvm`` section: what the library needs to load (TVM version,
     triple, CPU, calling convention) and what compiling it cost. ``int8``: MatMulNBits at
-    accuracy level 4 on the int8-activation kernel (default: when the target CPU has VNNI). ``lowbit``:
+    accuracy level 4 on the int8-activation kernels with this byte dot product (``"vnni"``,
+    ``"avx2"``; False: the fp32 kernels; default: what the target CPU has, :func:`.tvm_kernels.int8_isa`). ``lowbit``:
     int3/fp4 linears on their native kernels (else folded to fp32 weights, as before those kernels)."""
     from safetensors.numpy import save_file
 
@@ -592,7 +599,7 @@ def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None 
     layout = kv_layout(model)
     t0 = time.perf_counter()
     if int8 is None:
-        int8 = kern.has_vnni(target)
+        int8 = kern.int8_isa(target)
     prepared, custom = prepare(model, logits_to_keep=0, act_sparse=act_sparse, parts=threads or 2, int8=int8,
                                lowbit=lowbit, avx512=kern.has_avx512(target))
     kernels = _native_kernels(prepared)

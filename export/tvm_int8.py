@@ -1,11 +1,11 @@
-"""MatMulNBits at ``accuracy_level`` 4 on TVM: int8 activations and AVX-512 VNNI byte dot products.
+"""MatMulNBits at ``accuracy_level`` 4 on TVM: int8 activations and byte dot products (AVX-512 VNNI or AVX2).
 
 ONNX Runtime's MatMulNBits with ``accuracy_level`` 4 quantizes its input to int8 per K-block and
 multiplies with integer dot products; the fp32 TVM kernel (:func:`.tvm_kernels.matmul_nbits`)
 spends most of its time unpacking codes to floats, which left the TVM library at under half of
 ORT's decode speed. :func:`use_int8_kernels` replaces each such node whose weights are constants
 by ``edgecompress::MatMulNBitsInt8(A, w, scales[, zeros])``, its weights repacked for
-:func:`.tvm_kernels.matmul_nbits_int8` (same bits per weight), when the target CPU has VNNI. Nodes
+:func:`.tvm_kernels.matmul_nbits_int8` (same bits per weight), when the target CPU has VNNI or AVX2. Nodes
 at level 0 (fp32 math requested) and anything the kernel does not take keep the fp32 kernel.
 """
 
@@ -43,10 +43,11 @@ def _reason(model: onnx.ModelProto, node: onnx.NodeProto, attrs: dict) -> str | 
     return None
 
 
-def use_int8_kernels(model: onnx.ModelProto) -> Int8Result:
-    """Replace, in place, every ``accuracy_level`` 4 ``MatMulNBits`` the int8 kernel takes (the
-    caller checks the CPU: :func:`.tvm_kernels.has_vnni`). Old initializers are left for pruning."""
-    from .tvm_kernels import pack_nbits_int8
+def use_int8_kernels(model: onnx.ModelProto, *, isa: str = "vnni") -> Int8Result:
+    """Replace, in place, every ``accuracy_level`` 4 ``MatMulNBits`` the int8 kernel takes, for the
+    byte dot product ``isa`` (the caller checks the CPU: :func:`.tvm_kernels.int8_isa`). Old
+    initializers are left for pruning."""
+    from .tvm_kernels import INT8_ISA_CODES, pack_nbits_int8
 
     g = model.graph
     result = Int8Result()
@@ -73,7 +74,8 @@ def use_int8_kernels(model: onnx.ModelProto) -> Int8Result:
         arrays = {f"{base}.w": w, f"{base}.scales": s} | ({f"{base}.zeros": z} if z is not None else {})
         inits.extend(numpy_helper.from_array(a, name) for name, a in arrays.items())
         nodes.append(helper.make_node(INT8, [node.input[0], *arrays], list(node.output), name=node.name,
-                                      domain=DOMAIN, K=k, N=n, bits=bits, block_size=block))
+                                      domain=DOMAIN, K=k, N=n, bits=bits, block_size=block,
+                                      int8=INT8_ISA_CODES[isa]))
         result.linears += 1
     if result.linears:
         replace_nodes(model, nodes, inits)

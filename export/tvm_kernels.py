@@ -534,10 +534,68 @@ VNNI_FEATURES = ("avx512vnni", "avx512bw")
 
 
 def has_vnni(target: tvm.target.Target) -> bool:
-    """Whether ``target``'s CPU has the AVX-512 VNNI byte dot product (``vpdpbusd``) the int8 kernels use."""
+    """Whether ``target``'s CPU has the AVX-512 VNNI byte dot product (``vpdpbusd``)."""
     from tvm.target import codegen
 
     return target.kind.name == "llvm" and bool(codegen.target_has_features(list(VNNI_FEATURES), target))
+
+
+INT8_ISA_CODES = {"vnni": 1, "avx2": 2}  # the ``int8`` attribute of the rewritten nodes (0: fp32 kernel)
+
+
+def isa_of_code(code: int) -> str:
+    """The instruction set of an ``int8`` node attribute (:data:`INT8_ISA_CODES`)."""
+    for isa, c in INT8_ISA_CODES.items():
+        if c == code:
+            return isa
+    raise ValueError(f"int8 kernel attribute {code}: expected one of {sorted(INT8_ISA_CODES.values())}")
+
+
+def int8_isa(target: tvm.target.Target) -> str | None:
+    """The byte dot product the int8-activation kernels use on ``target``'s CPU: ``"vnni"``
+    (AVX-512 VNNI ``vpdpbusd``), ``"avx2"`` (``vpmaddubsw`` + ``vpmaddwd``), or None (no int8
+    kernels: MatMulNBits keeps the fp32 kernel)."""
+    from tvm.target import codegen
+
+    if has_vnni(target):
+        return "vnni"
+    if target.kind.name == "llvm" and codegen.target_has_features(["avx2"], target):
+        return "avx2"
+    return None
+
+
+def byte_dot(isa: str, acc, codes, act, *, wide: bool = False) -> tirx.PrimExpr:
+    """``acc`` (int32x16) plus, per lane ``o``, the dot product of the unsigned bytes
+    ``codes[4o:4o+4]`` (uint8x64) with the four signed bytes packed in the int32 ``act``.
+
+    ``"vnni"``: one ``vpdpbusd``. ``"avx2"``: per 8 lanes, ``vpmaddubsw`` (byte pairs -> int16) then
+    ``vpmaddwd`` by ones (-> int32); exact for codes below 16 (|pair| <= 2 * 15 * 128). ``wide``
+    (codes up to 255, which would saturate the int16 pairs): the codes are split into nibbles,
+    the high one's pair sums weighted 16 in ``vpmaddwd``: twice the instructions, still exact."""
+    if isa == "vnni":
+        return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                          tirx.reinterpret("int8x64", codes),
+                                          tirx.reinterpret("int8x64", tirx.Broadcast(act, 16)))
+    if isa != "avx2":
+        raise ValueError(f"int8 kernels: unknown instruction set {isa!r} (expected 'vnni' or 'avx2')")
+    a8 = tirx.reinterpret("int8x32", tirx.Broadcast(act, 8))
+
+    def pairs(c32, weight):  # 32 code bytes x 4 activation bytes -> 8 int32 dot products
+        p16 = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", tirx.reinterpret("int8x32", c32), a8)
+        return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p16,
+                                          tirx.Broadcast(tirx.const(weight, "int16"), 16))
+
+    halves = []
+    for h in range(2):
+        c32 = tirx.Shuffle([codes], [tirx.const(32 * h + i, "int32") for i in range(32)])
+        part = tirx.Shuffle([acc], [tirx.const(8 * h + i, "int32") for i in range(8)])
+        if wide:
+            part = part + pairs(tirx.bitwise_and(c32, tirx.Broadcast(tirx.const(15, "uint8"), 32)), 1) + pairs(
+                tirx.shift_right(c32, tirx.Broadcast(tirx.const(4, "uint8"), 32)), 16)
+        else:
+            part = part + pairs(c32, 1)
+        halves.append(part)
+    return tirx.Shuffle(halves, [tirx.const(i, "int32") for i in range(16)])
 
 
 def pack_nbits_int8(b, scales, zero_points, k: int, n: int, bits: int, block_size: int):
@@ -579,19 +637,20 @@ def pack_nbits_int8(b, scales, zero_points, k: int, n: int, bits: int, block_siz
     return w, tiles(s), z
 
 
-def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points: bool) -> tirx.PrimFunc:
+def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points: bool,
+                      isa: str = "vnni") -> tirx.PrimFunc:
     """``Y[m, :N] = A[m] @ dequant(B).T`` with the activations quantized to int8, as ONNX Runtime's
     MatMulNBits does at ``accuracy_level`` 4: per row and K-block, ``a_q = round(a * 127 / max|a|)``;
     per output and block, ``(sum_k code * a_q - zero * sum_k a_q) * scale * max|a| / 127``.
 
     Arguments: ``A [m, K]`` float32 and the layout of :func:`pack_nbits_int8`. A serial pass
     quantizes every row's activations (four int8 values packed per int32); then the tiles of 16
-    outputs are split between the threads, and per block each tile accumulates ``vpdpbusd`` (AVX-512
-    VNNI: 64 unsigned-code x signed-activation byte products into 16 int32 lanes per instruction;
+    outputs are split between the threads, and per block each tile accumulates byte dot products
+    (:func:`byte_dot`: 64 unsigned-code x signed-activation byte products into 16 int32 lanes, one
+    ``vpdpbusd`` with ``isa="vnni"``, ``vpmaddubsw`` + ``vpmaddwd`` per 32 bytes with ``"avx2"``;
     4-bit codes need one mask or shift per 64 bytes) before one float multiply-add per block. Rows
     go :data:`ROW_TILE` at a time (a GEMM for prefill: each weight load serves four rows), the
-    remainder (decode's single row) one at a time. Needs a target with :data:`VNNI_FEATURES`
-    (:func:`has_vnni`)."""
+    remainder (decode's single row) one at a time. ``isa``: what the target CPU has (:func:`int8_isa`)."""
     from tvm.script import tirx as T
 
     if bits not in (4, 8):
@@ -605,9 +664,7 @@ def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points
 
     @T.macro
     def dot(acc, rr, c, codes, act):
-        acc[rr, c, T.ramp(0, 1, lanes)] = T.call_llvm_pure_intrin(
-            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[rr, c, T.ramp(0, 1, lanes)],
-            T.reinterpret("int8x64", codes), T.reinterpret("int8x64", T.broadcast(act, lanes)))
+        acc[rr, c, T.ramp(0, 1, lanes)] = byte_dot(isa, acc[rr, c, T.ramp(0, 1, lanes)], codes, act, wide=bits == 8)
 
     def row_tile(rows):
         """``rows`` activation rows against one tile of 16 outputs: each 64-byte weight load feeds
@@ -710,16 +767,58 @@ def matmul_nbits_int8(k: int, n: int, bits: int, block_size: int, *, zero_points
 SPARSE_INT8_CHUNK = 64  # outputs per 32 bytes of an input-major row (int8 sparse kernel)
 
 
-def pack_act_sparse_int8(b, scales, zero_points, k: int, n: int, block: int):
+# AVX2's byte unpacks work within 128-bit lanes: after unpacking four rows' 32 bytes (bytes, then
+# 16-bit words), result v holds the bytes at these positions of each row, 4 rows per position
+AVX2_UNPACK_ORDER = [[0, 1, 2, 3, 16, 17, 18, 19], [4, 5, 6, 7, 20, 21, 22, 23],
+                     [8, 9, 10, 11, 24, 25, 26, 27], [12, 13, 14, 15, 28, 29, 30, 31]]
+
+
+def pack_act_sparse_int8(b, scales, zero_points, k: int, n: int, block: int, *, isa: str = "vnni"):
     """MatMulNBits' 4-bit weights in the input-major layout of :func:`act_sparse_matmul_nbits_int8`:
     :func:`pack_act_sparse_nbits` with 32-byte chunks, so that in row ``k`` byte ``c*32 + l`` holds
     output ``c*64 + l`` (low nibble) and ``c*64 + 32 + l`` (high), ``Np`` a multiple of 64: four rows'
-    32 bytes make the four ``vpdpbusd`` operands of 64 outputs after one byte permutation each."""
-    return pack_act_sparse_nbits(b, scales, zero_points, k, n, block, lanes=SPARSE_INT8_CHUNK // 2)
+    32 bytes make the four ``vpdpbusd`` operands of 64 outputs after one byte permutation each.
+    ``isa="avx2"``: the bytes of each 32-byte chunk are permuted so that AVX2's in-lane unpacks of
+    four rows yield outputs in order (byte ``AVX2_UNPACK_ORDER[v][j]`` holds output ``8v + j``)."""
+    import numpy as np
+
+    w, s, z = pack_act_sparse_nbits(b, scales, zero_points, k, n, block, lanes=SPARSE_INT8_CHUNK // 2)
+    if isa == "avx2":
+        order = np.empty(32, np.int64)
+        order[np.array(AVX2_UNPACK_ORDER).reshape(-1)] = np.arange(32)  # stored position -> output slot
+        w = np.ascontiguousarray(w.reshape(k, -1, 32)[:, :, order].reshape(k, -1))
+    return w, s, z
+
+
+def _unpack(a, b, lo: bool, width: int):
+    """``vpunpck{l,h}{bw,wd}`` on two 32-byte vectors: per 128-bit lane, the low (``lo``) or high
+    halves of ``a`` and ``b`` interleaved in ``width``-byte elements, as one byte shuffle."""
+    idx = []
+    for lane in range(2):
+        for i in range(8 // width):
+            base = 16 * lane + (0 if lo else 8) + i * width
+            idx += [base + e for e in range(width)] + [32 + base + e for e in range(width)]
+    return tirx.Shuffle([a, b], [tirx.const(i, "int32") for i in idx])
+
+
+def avx2_rows4(v: int, r0, r1, r2, r3):
+    """Result ``v`` (0-3) of the AVX2 unpack network on four rows' 32 bytes: per output (4 bytes),
+    the four rows' bytes at positions ``AVX2_UNPACK_ORDER[v]``: two byte unpacks, one word unpack."""
+    lo8 = v < 2
+    return _unpack(_unpack(r0, r1, lo8, 1), _unpack(r2, r3, lo8, 1), v % 2 == 0, 2)
+
+
+def avx2_dot8(codes32, act) -> tirx.PrimExpr:
+    """Eight int32 dot products of 4 unsigned code bytes with the 4 signed bytes packed in ``act``
+    (``vpmaddubsw`` + ``vpmaddwd`` by ones; exact for codes below 16)."""
+    p16 = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", tirx.reinterpret("int8x32", codes32),
+                                     tirx.reinterpret("int8x32", tirx.Broadcast(act, 8)))
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p16,
+                                      tirx.Broadcast(tirx.const(1, "int16"), 16))
 
 
 def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2,
-                                 prefetch: int = 2 * PREFETCH_ROWS) -> tirx.PrimFunc:
+                                 prefetch: int = 2 * PREFETCH_ROWS, isa: str = "vnni") -> tirx.PrimFunc:
     """:func:`act_sparse_matmul_nbits` with the activations quantized to int8 and VNNI dot products:
     ``ActSparse`` then MatMulNBits at ``accuracy_level`` 4 (each K-block's active values quantized
     with scale ``max|active| / 127``, as ORT quantizes the sparsified input).
@@ -730,9 +829,11 @@ def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points
     quantized values four per int32. The list is cut into ``parts`` shares (multiples of four) and
     each thread, for four active rows at a time, loads 32 bytes of each per 64 outputs, unpacks
     the nibbles, interleaves the four rows' codes with one byte permutation per 16 outputs
-    (``vpermt2b``) and accumulates ``vpdpbusd`` against the four broadcast activations into int32
-    partial sums, flushed to float with the scales at the end of each block; it prefetches the rows
-    ``prefetch`` list entries ahead, spread over the chunks. Needs :data:`VNNI_FEATURES`."""
+    (``vpermt2b`` with AVX-512 VBMI; with ``isa="avx2"`` three in-lane unpacks per 8 outputs on the
+    layout permuted for them, :func:`avx2_rows4`) and accumulates :func:`byte_dot` against the four broadcast
+    activations into int32 partial sums, flushed to float with the scales at the end of each block;
+    it prefetches the rows ``prefetch`` list entries ahead, spread over the chunks. ``isa``: the
+    target's byte dot product (:func:`int8_isa`)."""
     from tvm.script import tirx as T
     nb = -(-k // block_size)
     chunks = -(-n // SPARSE_INT8_CHUNK)
@@ -750,9 +851,11 @@ def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points
 
     @T.macro
     def dot(acc, p, base, codes, act):
-        acc[p, T.ramp(base, 1, 16)] = T.call_llvm_pure_intrin(
-            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc[p, T.ramp(base, 1, 16)],
-            T.reinterpret("int8x64", codes), T.reinterpret("int8x64", T.broadcast(act, 16)))
+        acc[p, T.ramp(base, 1, 16)] = byte_dot(isa, acc[p, T.ramp(base, 1, 16)], codes, act)
+
+    @T.macro
+    def dot8(acc, p, base, codes, act):
+        acc[p, T.ramp(base, 1, 8)] = acc[p, T.ramp(base, 1, 8)] + avx2_dot8(codes, act)
 
     @T.macro
     def body(a, thr, w, s, z, y, m):
@@ -844,10 +947,20 @@ def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points
                                 h1 = T.shift_right(w1, s4)
                                 h2 = T.shift_right(w2, s4)
                                 h3 = T.shift_right(w3, s4)
-                                dot(acc, p, c * 64, T.Shuffle([l0, l1, l2, l3], interleave[0]), xv)
-                                dot(acc, p, c * 64 + 16, T.Shuffle([l0, l1, l2, l3], interleave[1]), xv)
-                                dot(acc, p, c * 64 + 32, T.Shuffle([h0, h1, h2, h3], interleave[0]), xv)
-                                dot(acc, p, c * 64 + 48, T.Shuffle([h0, h1, h2, h3], interleave[1]), xv)
+                                if isa == "avx2":  # in-lane unpacks (the layout is permuted for them)
+                                    dot8(acc, p, c * 64, avx2_rows4(0, l0, l1, l2, l3), xv)
+                                    dot8(acc, p, c * 64 + 8, avx2_rows4(1, l0, l1, l2, l3), xv)
+                                    dot8(acc, p, c * 64 + 16, avx2_rows4(2, l0, l1, l2, l3), xv)
+                                    dot8(acc, p, c * 64 + 24, avx2_rows4(3, l0, l1, l2, l3), xv)
+                                    dot8(acc, p, c * 64 + 32, avx2_rows4(0, h0, h1, h2, h3), xv)
+                                    dot8(acc, p, c * 64 + 40, avx2_rows4(1, h0, h1, h2, h3), xv)
+                                    dot8(acc, p, c * 64 + 48, avx2_rows4(2, h0, h1, h2, h3), xv)
+                                    dot8(acc, p, c * 64 + 56, avx2_rows4(3, h0, h1, h2, h3), xv)
+                                else:
+                                    dot(acc, p, c * 64, T.Shuffle([l0, l1, l2, l3], interleave[0]), xv)
+                                    dot(acc, p, c * 64 + 16, T.Shuffle([l0, l1, l2, l3], interleave[1]), xv)
+                                    dot(acc, p, c * 64 + 32, T.Shuffle([h0, h1, h2, h3], interleave[0]), xv)
+                                    dot(acc, p, c * 64 + 48, T.Shuffle([h0, h1, h2, h3], interleave[1]), xv)
                         for c in T.serial(npad // 16):
                             if zero_points:
                                 zv = z[bi, T.ramp(c * 16, 1, 16)] * T.broadcast(T.Cast("float32", qs[0]), 16)

@@ -84,9 +84,11 @@ def _int8_reference(a, b, scales, zp, k, n, bits, block):
 
 
 needs_vnni = pytest.mark.skipif(not kern.has_vnni(kern.target_llvm()), reason="this CPU has no AVX-512 VNNI")
+needs_int8 = pytest.mark.skipif(kern.int8_isa(kern.target_llvm()) is None, reason="this CPU has no AVX2")
+INT8_ISAS = [pytest.param("vnni", marks=needs_vnni), pytest.param("avx2", marks=needs_int8)]
 
 
-@needs_vnni
+@pytest.mark.parametrize("isa", INT8_ISAS)
 @pytest.mark.parametrize("k,n,bits,block,m,zero_points", [
     (64, 48, 4, 32, 1, False),
     (96, 40, 4, 64, 3, True),      # K padded to 2 blocks; N not a multiple of the 16-output tile
@@ -98,7 +100,7 @@ needs_vnni = pytest.mark.skipif(not kern.has_vnni(kern.target_llvm()), reason="t
     (576, 40, 4, 64, 9, True),     # prefill: two 4-row tiles and a last row
     (160, 24, 8, 32, 8, False),    # 8-bit codes, row tiles only
 ])
-def test_int8_activation_kernel_matches_numpy(k, n, bits, block, m, zero_points):
+def test_int8_activation_kernel_matches_numpy(k, n, bits, block, m, zero_points, isa):
     rng = np.random.default_rng(k + n + m + bits)
     nb = -(-k // block)
     b = rng.integers(0, 256, (n, nb, block * bits // 8)).astype(np.uint8)
@@ -109,7 +111,7 @@ def test_int8_activation_kernel_matches_numpy(k, n, bits, block, m, zero_points)
     w, s, z = kern.pack_nbits_int8(b, scales, zp, k, n, bits, block)
     assert w.nbytes == -(-n // 16) * 16 * nb * block * bits // 8  # still `bits` per weight
     args = [a, w, s] + ([z] if z is not None else []) + [np.full((m, n), np.nan, np.float32)]
-    y = _run(kern.matmul_nbits_int8(k, n, bits, block, zero_points=zero_points), args)
+    y = _run(kern.matmul_nbits_int8(k, n, bits, block, zero_points=zero_points, isa=isa), args)
     ref = _int8_reference(a, b, scales, zp, k, n, bits, block)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     exact = _nbits_reference(a, b, scales, zp, k, n, bits, block)  # int8 activations: ~1% of the fp32 result
@@ -215,7 +217,7 @@ def _compare(artifact, tmp_path, accuracy_level, tol, int8=False):
     from tvm import relax
 
     info = tvm_export.build_decoder(artifact / "model.onnx", tmp_path / "lib", threads=2, int8=int8)
-    assert (info["kernels"].get("matmul_nbits_int8", 0) > 0) == int8
+    assert (info["kernels"].get("matmul_nbits_int8", 0) > 0) == bool(int8)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "lib" / "model.so")), tvm.cpu())
     stored = load_file(str(tmp_path / "lib" / "params.safetensors"))
     params = [tvm.runtime.tensor(stored[k], tvm.cpu()) for k in sorted(stored)]
@@ -253,12 +255,12 @@ def test_int4_decoder_on_tvm_equals_ort_fp32_math(tiny_artifacts, tmp_path):
     _compare(tiny_artifacts / "int4", tmp_path, 0, 1e-4)
 
 
-@needs_vnni
-def test_int4_decoder_on_tvm_int8_kernels_matches_ort_level_4(tiny_artifacts, tmp_path):
-    """The same artifact with the int8-activation kernels (the default on a VNNI CPU): against ORT's
-    MatMulNBits at the artifact's accuracy level 4, which quantizes activations to int8 too (its
-    rounding differs in details, hence the looser bound), top-1 equal at every position."""
-    _compare(tiny_artifacts / "int4", tmp_path, 4, 2e-2, int8=True)
+@pytest.mark.parametrize("isa", INT8_ISAS)
+def test_int4_decoder_on_tvm_int8_kernels_matches_ort_level_4(tiny_artifacts, tmp_path, isa):
+    """The same artifact with the int8-activation kernels (the default on a CPU with VNNI or AVX2):
+    against ORT's MatMulNBits at the artifact's accuracy level 4, which quantizes activations to
+    int8 too (its rounding differs in details, hence the looser bound), top-1 equal at every position."""
+    _compare(tiny_artifacts / "int4", tmp_path, 4, 2e-2, int8=isa)
 
 
 def test_unsupported_op_names_node_and_suggests_ort(tmp_path):

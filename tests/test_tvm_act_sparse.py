@@ -10,6 +10,8 @@ on a tiny Llama with TEAL thresholds and int4 weights, tvm-cpu against ort-cpu.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import pytest
@@ -20,7 +22,7 @@ tvm = pytest.importorskip("tvm")
 from edgecompress.export import tvm as tvm_export
 from edgecompress.export import tvm_kernels as kern
 
-needs_vnni = pytest.mark.skipif(not kern.has_vnni(kern.target_llvm()), reason="this CPU has no AVX-512 VNNI")
+from test_tvm import INT8_ISAS  # noqa: E402  (the int8 instruction sets this CPU can test)
 
 
 def _run(func, args):
@@ -57,7 +59,7 @@ def _weights(rng, k, n, block, zero_points):
     (7, 33, 32, 1, False),       # fewer inputs than one block (and than the prefetch distance)
 ])
 @pytest.mark.parametrize("mask", ["random", "none-active", "all-active", "one-active"])
-@pytest.mark.parametrize("variant", ["fp32", pytest.param("int8", marks=needs_vnni)])
+@pytest.mark.parametrize("variant", ["fp32", *INT8_ISAS])
 def test_act_sparse_kernel_matches_numpy(k, n, block, m, zero_points, mask, variant):
     """fp32: against the dense product of the kept values; int8 (accuracy level 4): against
     MatMulNBits-at-level-4 math on the sparsified input (each K-block of kept values quantized to
@@ -73,9 +75,10 @@ def test_act_sparse_kernel_matches_numpy(k, n, block, m, zero_points, mask, vari
     if mask == "all-active":
         a[a == 0] = 1.0
     kept = np.where(np.abs(a) > thr, a, 0).astype(np.float32)
-    if variant == "int8":
+    if variant != "fp32":
         ref, tol, chunk = _int8_reference(kept, b, scales, zp, k, n, 4, block), 1e-5, kern.SPARSE_INT8_CHUNK
-        pack, make = kern.pack_act_sparse_int8, kern.act_sparse_matmul_nbits_int8
+        pack = functools.partial(kern.pack_act_sparse_int8, isa=variant)
+        make = functools.partial(kern.act_sparse_matmul_nbits_int8, isa=variant)
     else:
         ref, tol, chunk = kept @ _dequant(b, scales, zp, k, n, block).T, 1e-4, 2 * kern.SPARSE_LANES
         pack, make = kern.pack_act_sparse_nbits, kern.act_sparse_matmul_nbits
@@ -167,8 +170,8 @@ def test_act_sparse_converter_matches_ort_function_body(consumers, threshold, ze
         np.testing.assert_allclose(y, r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
 
 
-@needs_vnni
-def test_act_sparse_converter_at_accuracy_level_4_matches_ort():
+@pytest.mark.parametrize("isa", INT8_ISAS)
+def test_act_sparse_converter_at_accuracy_level_4_matches_ort(isa):
     """At accuracy level 4 (int8 activations in ORT's MatMulNBits too) the fused node takes the int8
     kernel; against ORT running the function body at level 4 (its rounding differs in details)."""
     from edgecompress.export.tvm_act_sparse import FUSED
@@ -179,10 +182,11 @@ def test_act_sparse_converter_at_accuracy_level_4_matches_ort():
     model = _graph(k, [(48, 4, 32), (20, 4, 32)], thr, rows=rows, zero_points=True, accuracy_level=4)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     ref = _ort(model, x)
-    fused, prepared, outs = _tvm(model, x, int8=True)
+    fused, prepared, outs = _tvm(model, x, int8=isa)
     nodes = [n for n in prepared.graph.node if n.op_type == FUSED]
     assert fused.linears == len(nodes) == 2
-    assert all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "int8")) == 1 for n in nodes)
+    assert all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "int8")) == kern.INT8_ISA_CODES[isa]
+               for n in nodes)
     for y, r in zip(outs, ref):
         np.testing.assert_allclose(y, r, rtol=2e-2, atol=2e-2 * np.abs(r).max())
 
