@@ -51,9 +51,10 @@ def main() -> None:
                    "csr": (build(kern.sparse_matmul_csr(k, n, int(mask.sum()), "float16")),
                            [[t(x), t(row_ptr), t(cols), t(vals), y] for _ in copies],
                            row_ptr.nbytes + cols.nbytes + vals.nbytes)}
-        if kern.has_avx512(kern.target_llvm()):
+        isa = kern.permute_isa(kern.target_llvm())
+        if isa:
             idx, v24 = kern.pack_sparse_2of4(w, mask, "float16")
-            kernels["2of4"] = (build(kern.sparse_matmul_2of4(k, n, "float16")), [[t(x), t(idx), t(v24), y] for _ in copies],
+            kernels["2of4"] = (build(kern.sparse_matmul_2of4(k, n, "float16", isa)), [[t(x), t(idx), t(v24), y] for _ in copies],
                                idx.nbytes + v24.nbytes)
         med = interleaved_medians(kernels, 200, args.repeats)
         row = {"k": k, "n": n, **{f"{name}_us": round(v * 1e6, 1) for name, v in med.items()},

@@ -166,7 +166,8 @@ class _Converters:
         from . import tvm_kernels as kern
 
         k, n = int(attr["K"]), int(attr["N"])
-        return _linear(bb, inputs[0], k, n, kern.sparse_matmul_2of4(k, n, _str(attr["value_dtype"])),
+        isa = {c: i for i, c in kern.PERMUTE_ISA_CODES.items()}[int(attr.get("isa", 1))]
+        return _linear(bb, inputs[0], k, n, kern.sparse_matmul_2of4(k, n, _str(attr["value_dtype"]), isa),
                        f"sparse_matmul_2of4_k{k}_n{n}", list(inputs[1:3]))
 
     @staticmethod
@@ -366,7 +367,7 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = True,
             parts: int = 2, int8: str | bool | None = None, sparse: bool = True, lowbit: bool = True,
-            avx512: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+            two_of_four: str | bool | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded
     (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
     inputs, Relax could not fold them and would recompute them every token. With ``act_sparse``,
@@ -376,7 +377,7 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
     at ``accuracy_level`` 4 run int8-activation kernels: the activation-sparse one after an
     ActSparse, :mod:`.tvm_int8`'s dense one elsewhere. With ``sparse``, each ``SparseMatMul`` (pruned
     weights, stored compressed) runs a sparse kernel of :mod:`.tvm_sparse` (the 2:4 one needs
-    ``avx512``) instead of a dense MatMul. With ``lowbit``, int3 and fp4 linears (``MatMulBlockQuantized``,
+    ``two_of_four``, the CPU's lane permute: :func:`.tvm_kernels.permute_isa`) instead of a dense MatMul. With ``lowbit``, int3 and fp4 linears (``MatMulBlockQuantized``,
     ``MatMulFP4``) run :mod:`.tvm_lowbit`'s kernels on their packed codes instead of a folded fp32 weight.
 
     Returns the model and the custom ops that run as their function bodies.
@@ -404,7 +405,7 @@ def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = T
         g.input.extend(keep)
     model = fold_constants(model)
     if marked:
-        done = use_sparse_kernels(model, marked, two_of_four=avx512)
+        done = use_sparse_kernels(model, marked, two_of_four=two_of_four)
         if done.linears and not done.kept:
             custom = [c for c in custom if c != f"edgecompress::{SOURCE}"]
         log.info("sparse-weight kernels for %d of %d SparseMatMul", done.linears, len(marked))
@@ -601,7 +602,7 @@ def build_decoder(onnx_path: Path, dest: Path, *, target=None, mcpu: str | None 
     if int8 is None:
         int8 = kern.int8_isa(target)
     prepared, custom = prepare(model, logits_to_keep=0, act_sparse=act_sparse, parts=threads or 2, int8=int8,
-                               lowbit=lowbit, avx512=kern.has_avx512(target))
+                               lowbit=lowbit, two_of_four=kern.permute_isa(target))
     kernels = _native_kernels(prepared)
     layout["max_positions"] = _max_positions(prepared)
     mod, params = import_relax(prepared)

@@ -1066,6 +1066,37 @@ def has_avx512(target: tvm.target.Target) -> bool:
     return target.kind.name == "llvm" and bool(codegen.target_has_features(["avx512f"], target))
 
 
+PERMUTE_ISA_CODES = {"avx512": 1, "avx2": 2}  # the ``isa`` attribute of SparseMatMul2of4 nodes
+
+
+def permute_isa(target: tvm.target.Target) -> str | None:
+    """The lane permute the 2:4 kernel uses on ``target``'s CPU: ``"avx512"`` (16-lane ``vpermps``),
+    ``"avx2"`` (8-lane ``vpermps``), or None (pruned linears take the CSR kernel)."""
+    from tvm.target import codegen
+
+    if has_avx512(target):
+        return "avx512"
+    if target.kind.name == "llvm" and codegen.target_has_features(["avx2"], target):
+        return "avx2"
+    return None
+
+
+def permute4(isa: str, x4, pick) -> tirx.PrimExpr:
+    """Per lane of the float32x16 result, ``x4[pick]`` (``pick`` int32x16 in 0-3; ``x4`` float32x16
+    holding four values four times): one 16-lane ``vpermps`` (``"avx512"``) or two 8-lane ones."""
+    if isa == "avx512":
+        return tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", x4, pick)
+    if isa != "avx2":
+        raise ValueError(f"2:4 kernel: unknown instruction set {isa!r} (expected 'avx512' or 'avx2')")
+
+    def lanes(v, lo, count):
+        return tirx.Shuffle([v], [tirx.const(lo + i, "int32") for i in range(count)])
+
+    x8 = lanes(x4, 0, 8)
+    halves = [tirx.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps", x8, lanes(pick, 8 * h, 8)) for h in range(2)]
+    return tirx.Shuffle(halves, [tirx.const(i, "int32") for i in range(16)])
+
+
 def is_2of4(mask) -> bool:
     """Whether a keep-mask ``[N, K]`` has at most two kept weights in every group of four inputs."""
     import numpy as np
@@ -1098,11 +1129,12 @@ def pack_sparse_2of4(w, mask, value_dtype: str = "float16"):
     return idx, vals
 
 
-def sparse_matmul_2of4(k: int, n: int, value_dtype: str = "float16") -> tirx.PrimFunc:
+def sparse_matmul_2of4(k: int, n: int, value_dtype: str = "float16", isa: str = "avx512") -> tirx.PrimFunc:
     """``Y[m, :N] = A[m] @ W.T`` for a 2:4-sparse ``W`` in :func:`pack_sparse_2of4`'s layout, with no
     gather: per tile of 16 outputs and group of four inputs, the four activations are broadcast into
     a vector and each output lane picks its two with ``vpermps`` by its 2-bit indices, then two
-    multiply-adds with the kept values. Tiles split between the threads. Needs AVX-512F."""
+    multiply-adds with the kept values. Tiles split between the threads. ``isa``: the target's lane
+    permute (:func:`permute_isa`)."""
     from tvm.script import tirx as T
 
     nt, groups = -(-n // 16), k // 4
@@ -1126,8 +1158,7 @@ def sparse_matmul_2of4(k: int, n: int, value_dtype: str = "float16") -> tirx.Pri
                         pick = T.bitwise_and(T.shift_right(iv, T.broadcast(T.int32(2 * s), 16)),
                                              T.broadcast(T.int32(3), 16))
                         acc[s, T.ramp(0, 1, 16)] = acc[s, T.ramp(0, 1, 16)] + T.Cast(
-                            "float32x16", vals[t, g, s, T.ramp(0, 1, 16)]) * T.call_llvm_pure_intrin(
-                                "float32x16", "llvm.x86.avx512.permvar.sf.512", x4, pick)
+                            "float32x16", vals[t, g, s, T.ramp(0, 1, 16)]) * permute4(isa, x4, pick)
                 for o in T.serial(16):
                     if t * 16 + o < n:
                         y[r, t * 16 + o] = acc[0, o] + acc[1, o]

@@ -52,11 +52,15 @@ def sparse_outputs(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
-def use_sparse_kernels(model: onnx.ModelProto, outputs: dict[str, str], *, two_of_four: bool = False) -> SparseResult:
+def use_sparse_kernels(model: onnx.ModelProto, outputs: dict[str, str], *,
+                       two_of_four: str | bool | None = None) -> SparseResult:
     """Replace, in place, the folded ``MatMul(A, constant W^T)`` behind each of ``outputs`` by the CSR
-    op, or, with ``two_of_four`` (an AVX-512 CPU) and at most 2 of every 4 weights kept, by the 2:4 op
-    (the dense constant is left for pruning)."""
-    from .tvm_kernels import is_2of4, pack_sparse_2of4, pack_sparse_csr
+    op, or, with ``two_of_four`` (the CPU's lane permute, ``"avx512"`` or ``"avx2"``:
+    :func:`.tvm_kernels.permute_isa`; True means ``"avx512"``) and at most 2 of every 4 weights kept,
+    by the 2:4 op (the dense constant is left for pruning)."""
+    from .tvm_kernels import PERMUTE_ISA_CODES, is_2of4, pack_sparse_2of4, pack_sparse_csr
+
+    two_of_four = "avx512" if two_of_four is True else (two_of_four or None)
 
     g = model.graph
     result = SparseResult()
@@ -84,7 +88,7 @@ def use_sparse_kernels(model: onnx.ModelProto, outputs: dict[str, str], *, two_o
             idx, vals = pack_sparse_2of4(w, mask, dtype)
             base = f"{node.output[0]}/2of4"
             arrays = {f"{base}.idx": idx, f"{base}.vals": vals}
-            op, attrs = NM, {}
+            op, attrs = NM, {"isa": PERMUTE_ISA_CODES[two_of_four]}
         else:
             row_ptr, cols, vals = pack_sparse_csr(w[mask].astype(dtype), np.packbits(mask, axis=1, bitorder="little"), n, k)
             base = f"{node.output[0]}/csr"

@@ -50,16 +50,18 @@ def test_csr_kernel_matches_numpy(k, n, m, pattern, dtype):
 
 
 needs_avx512 = pytest.mark.skipif(not kern.has_avx512(kern.target_llvm()), reason="this CPU has no AVX-512")
+needs_permute = pytest.mark.skipif(kern.permute_isa(kern.target_llvm()) is None, reason="this CPU has no AVX2")
+PERMUTE_ISAS = [pytest.param("avx512", marks=needs_avx512), pytest.param("avx2", marks=needs_permute)]
 
 
-@needs_avx512
+@pytest.mark.parametrize("isa", PERMUTE_ISAS)
 @pytest.mark.parametrize("k,n,m,dtype,pattern", [
     (64, 48, 1, "float16", "2:4"),
     (576, 1536, 1, "float16", "2:4"),
     (1536, 576, 3, "float32", "2:4"),   # fp32 values, prefill rows
     (8, 5, 2, "float32", "1:4"),        # one kept per group (an empty slot), N below one tile
 ])
-def test_2of4_kernel_matches_numpy(k, n, m, dtype, pattern):
+def test_2of4_kernel_matches_numpy(k, n, m, dtype, pattern, isa):
     rng = np.random.default_rng(k + n)
     w, mask = _sparse_weight(rng, n, k, "2:4", dtype)
     if pattern == "1:4":
@@ -69,7 +71,7 @@ def test_2of4_kernel_matches_numpy(k, n, m, dtype, pattern):
     idx, vals = kern.pack_sparse_2of4(w, mask, dtype)
     assert idx.nbytes + vals.nbytes == -(-n // 16) * 16 * (k // 4) * (1 + 2 * np.dtype(dtype).itemsize)
     a = rng.standard_normal((m, k)).astype(np.float32)
-    y = _run(kern.sparse_matmul_2of4(k, n, dtype), [a, idx, vals, np.full((m, n), np.nan, np.float32)])
+    y = _run(kern.sparse_matmul_2of4(k, n, dtype, isa), [a, idx, vals, np.full((m, n), np.nan, np.float32)])
     np.testing.assert_allclose(y, a @ w.T, rtol=1e-5, atol=1e-5 * np.abs(a @ w.T).max())
 
 
@@ -98,7 +100,7 @@ def _graph(n, k, rows, seed=0):
     return model
 
 
-@pytest.mark.parametrize("two_of_four", [False, pytest.param(True, marks=needs_avx512)])
+@pytest.mark.parametrize("two_of_four", [None, *PERMUTE_ISAS])
 def test_sparse_matmul_rewrite_matches_ort_function_body(two_of_four):
     import onnxruntime as ort
     from tvm import relax
@@ -148,8 +150,8 @@ def test_pruned_tiny_llama_on_tvm_equals_ort(tmp_path):
     art = Artifact.load(tmp_path / "tiny-llama-tvm-2of4" / "sparse")
     info = tvm_export.build_decoder(art.onnx_path, tmp_path / "lib", threads=2)
     sparse_ops = art.manifest["onnx"]["op_counts"]["edgecompress::SparseMatMul"]
-    # every pruned linear runs a sparse kernel (2:4 ones the 2:4 kernel on AVX-512); none is rebuilt dense
-    kernel = "sparse_matmul_2of4" if kern.has_avx512(kern.target_llvm()) else "sparse_matmul_csr"
+    # every pruned linear runs a sparse kernel (2:4 ones the 2:4 kernel on AVX-512 or AVX2); none is rebuilt dense
+    kernel = "sparse_matmul_2of4" if kern.permute_isa(kern.target_llvm()) else "sparse_matmul_csr"
     assert info["kernels"][kernel] == sparse_ops > 0
     assert "edgecompress::SparseMatMul" not in info["function_body_ops"]
     ids = np.random.default_rng(3).integers(0, 256, 24)
