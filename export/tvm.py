@@ -166,7 +166,7 @@ class _Converters:
         from . import tvm_kernels as kern
 
         k, n = int(attr["K"]), int(attr["N"])
-        isa = {c: i for i, c in kern.PERMUTE_ISA_CODES.items()}[int(attr.get("isa", 1))]
+        isa = kern.isa_of_code(int(attr.get("isa", 1)), kern.PERMUTE_ISA_CODES)
         return _linear(bb, inputs[0], k, n, kern.sparse_matmul_2of4(k, n, _str(attr["value_dtype"]), isa),
                        f"sparse_matmul_2of4_k{k}_n{n}", list(inputs[1:3]))
 
@@ -367,7 +367,7 @@ def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 def prepare(model: onnx.ModelProto, *, logits_to_keep: int, act_sparse: bool = True,
             parts: int = 2, int8: str | bool | None = None, sparse: bool = True, lowbit: bool = True,
-            two_of_four: str | bool | None = None) -> tuple[onnx.ModelProto, list[str]]:
+            two_of_four: str | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """The graph Relax imports: custom ops inlined, ``logits_to_keep`` fixed, constants folded
     (rotary caches, casts of float16 scales, the keep-slice start): with parameters kept as
     inputs, Relax could not fold them and would recompute them every token. With ``act_sparse``,

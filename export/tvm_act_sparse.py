@@ -90,10 +90,10 @@ def _linear_reason(model: onnx.ModelProto, node: onnx.NodeProto, out: str) -> st
     return None
 
 
-def fuse_act_sparse(model: onnx.ModelProto, *, parts: int = 2, int8: str | bool | None = None) -> FusionResult:
+def fuse_act_sparse(model: onnx.ModelProto, *, parts: int = 2, int8: str | None = None) -> FusionResult:
     """Replace, in place, each 4-bit ``MatMulNBits`` fed by an ActSparse body with the fused op
     (``parts``: the kernel's thread count). With ``int8`` (the CPU's byte dot product, ``"vnni"`` or
-    ``"avx2"``; True means ``"vnni"``), a MatMulNBits at ``accuracy_level`` 4 gets the int8-activation
+    ``"avx2"``), a MatMulNBits at ``accuracy_level`` 4 gets the int8-activation
     variant (attribute ``int8``: :data:`.tvm_kernels.INT8_ISA_CODES`, weights in
     :func:`.tvm_kernels.pack_act_sparse_int8`'s layout). Dead nodes and initializers are left for
     the caller."""
@@ -135,8 +135,7 @@ def fuse_act_sparse(model: onnx.ModelProto, *, parts: int = 2, int8: str | bool 
             from .tvm_kernels import INT8_ISA_CODES, pack_act_sparse_int8, pack_act_sparse_nbits
 
             use_int8 = bool(int8) and int(attrs.get("accuracy_level", 0)) == 4
-            isa = "vnni" if int8 is True else int8
-            w, st, zt = (pack_act_sparse_int8(b, s, zp, k, n, block, isa=isa) if use_int8
+            w, st, zt = (pack_act_sparse_int8(b, s, zp, k, n, block, isa=int8) if use_int8
                          else pack_act_sparse_nbits(b, s, zp, k, n, block))
             if k not in thr_k:
                 thr_k[k] = f"{thr_name}/k{k}"
@@ -147,7 +146,7 @@ def fuse_act_sparse(model: onnx.ModelProto, *, parts: int = 2, int8: str | bool 
             new_inits.extend(numpy_helper.from_array(a, name) for name, a in arrays.items())
             replaced[id(node)] = helper.make_node(FUSED, [x, thr_k[k], *arrays], [node.output[0]], name=node.name,
                                                   domain=DOMAIN, K=k, N=n, block_size=block, parts=int(parts),
-                                                  int8=INT8_ISA_CODES[isa] if use_int8 else 0)
+                                                  int8=INT8_ISA_CODES[int8] if use_int8 else 0)
             result.linears += 1
         result.function_body_sites += kept
     if replaced:

@@ -543,12 +543,13 @@ def has_vnni(target: tvm.target.Target) -> bool:
 INT8_ISA_CODES = {"vnni": 1, "avx2": 2}  # the ``int8`` attribute of the rewritten nodes (0: fp32 kernel)
 
 
-def isa_of_code(code: int) -> str:
-    """The instruction set of an ``int8`` node attribute (:data:`INT8_ISA_CODES`)."""
-    for isa, c in INT8_ISA_CODES.items():
+def isa_of_code(code: int, codes: dict[str, int] = INT8_ISA_CODES) -> str:
+    """The instruction set a rewritten node's attribute names (:data:`INT8_ISA_CODES`, or
+    :data:`PERMUTE_ISA_CODES` for the 2:4 kernel's)."""
+    for isa, c in codes.items():
         if c == code:
             return isa
-    raise ValueError(f"int8 kernel attribute {code}: expected one of {sorted(INT8_ISA_CODES.values())}")
+    raise ValueError(f"kernel instruction-set attribute {code}: expected one of {sorted(codes.values())}")
 
 
 def int8_isa(target: tvm.target.Target) -> str | None:
@@ -562,6 +563,16 @@ def int8_isa(target: tvm.target.Target) -> str | None:
     if target.kind.name == "llvm" and codegen.target_has_features(["avx2"], target):
         return "avx2"
     return None
+
+
+def avx2_dot8(codes32, act, weight: int = 1) -> tirx.PrimExpr:
+    """Eight int32 dot products of 4 unsigned code bytes (``codes32``, uint8x32) with the 4 signed
+    bytes packed in ``act``, times ``weight``: ``vpmaddubsw`` (byte pairs -> int16) then
+    ``vpmaddwd`` by ``weight`` (-> int32); exact for codes below 16 (|pair| <= 2 * 15 * 128)."""
+    p16 = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", tirx.reinterpret("int8x32", codes32),
+                                     tirx.reinterpret("int8x32", tirx.Broadcast(act, 8)))
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p16,
+                                      tirx.Broadcast(tirx.const(weight, "int16"), 16))
 
 
 def byte_dot(isa: str, acc, codes, act, *, wide: bool = False) -> tirx.PrimExpr:
@@ -578,22 +589,15 @@ def byte_dot(isa: str, acc, codes, act, *, wide: bool = False) -> tirx.PrimExpr:
                                           tirx.reinterpret("int8x64", tirx.Broadcast(act, 16)))
     if isa != "avx2":
         raise ValueError(f"int8 kernels: unknown instruction set {isa!r} (expected 'vnni' or 'avx2')")
-    a8 = tirx.reinterpret("int8x32", tirx.Broadcast(act, 8))
-
-    def pairs(c32, weight):  # 32 code bytes x 4 activation bytes -> 8 int32 dot products
-        p16 = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", tirx.reinterpret("int8x32", c32), a8)
-        return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p16,
-                                          tirx.Broadcast(tirx.const(weight, "int16"), 16))
-
     halves = []
     for h in range(2):
         c32 = tirx.Shuffle([codes], [tirx.const(32 * h + i, "int32") for i in range(32)])
         part = tirx.Shuffle([acc], [tirx.const(8 * h + i, "int32") for i in range(8)])
         if wide:
-            part = part + pairs(tirx.bitwise_and(c32, tirx.Broadcast(tirx.const(15, "uint8"), 32)), 1) + pairs(
-                tirx.shift_right(c32, tirx.Broadcast(tirx.const(4, "uint8"), 32)), 16)
+            part = part + avx2_dot8(tirx.bitwise_and(c32, tirx.Broadcast(tirx.const(15, "uint8"), 32)), act) + avx2_dot8(
+                tirx.shift_right(c32, tirx.Broadcast(tirx.const(4, "uint8"), 32)), act, weight=16)
         else:
-            part = part + pairs(c32, 1)
+            part = part + avx2_dot8(c32, act)
         halves.append(part)
     return tirx.Shuffle(halves, [tirx.const(i, "int32") for i in range(16)])
 
@@ -806,15 +810,6 @@ def avx2_rows4(v: int, r0, r1, r2, r3):
     the four rows' bytes at positions ``AVX2_UNPACK_ORDER[v]``: two byte unpacks, one word unpack."""
     lo8 = v < 2
     return _unpack(_unpack(r0, r1, lo8, 1), _unpack(r2, r3, lo8, 1), v % 2 == 0, 2)
-
-
-def avx2_dot8(codes32, act) -> tirx.PrimExpr:
-    """Eight int32 dot products of 4 unsigned code bytes with the 4 signed bytes packed in ``act``
-    (``vpmaddubsw`` + ``vpmaddwd`` by ones; exact for codes below 16)."""
-    p16 = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", tirx.reinterpret("int8x32", codes32),
-                                     tirx.reinterpret("int8x32", tirx.Broadcast(act, 8)))
-    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", p16,
-                                      tirx.Broadcast(tirx.const(1, "int16"), 16))
 
 
 def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2,

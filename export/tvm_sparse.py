@@ -53,14 +53,12 @@ def sparse_outputs(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def use_sparse_kernels(model: onnx.ModelProto, outputs: dict[str, str], *,
-                       two_of_four: str | bool | None = None) -> SparseResult:
+                       two_of_four: str | None = None) -> SparseResult:
     """Replace, in place, the folded ``MatMul(A, constant W^T)`` behind each of ``outputs`` by the CSR
     op, or, with ``two_of_four`` (the CPU's lane permute, ``"avx512"`` or ``"avx2"``:
-    :func:`.tvm_kernels.permute_isa`; True means ``"avx512"``) and at most 2 of every 4 weights kept,
-    by the 2:4 op (the dense constant is left for pruning)."""
+    :func:`.tvm_kernels.permute_isa`) and at most 2 of every 4 weights kept, by the 2:4 op (the
+    dense constant is left for pruning)."""
     from .tvm_kernels import PERMUTE_ISA_CODES, is_2of4, pack_sparse_2of4, pack_sparse_csr
-
-    two_of_four = "avx512" if two_of_four is True else (two_of_four or None)
 
     g = model.graph
     result = SparseResult()

@@ -132,7 +132,7 @@ def _ort(model, x):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"X": x})
 
 
-def _tvm(model, x, int8=False):
+def _tvm(model, x, int8=None):
     """The graph as :func:`.tvm.prepare` treats it (inline, fold, fuse), imported, compiled and run."""
     from tvm import relax
 
