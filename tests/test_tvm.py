@@ -118,7 +118,7 @@ def test_int8_activation_kernel_matches_numpy(k, n, bits, block, m, zero_points,
     assert np.abs(y - exact).max() < 0.03 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("k,n,m", [(576, 200, 1), (37, 5, 3), (1536, 576, 2)])
+@pytest.mark.parametrize("k,n,m", [(576, 200, 1), (37, 5, 3), (1536, 576, 2), (8, 13, 2)])  # K below 16: tail only
 def test_matmul_f32_kernel_matches_numpy(k, n, m):
     rng = np.random.default_rng(k + n)
     a, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
