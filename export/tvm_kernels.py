@@ -5,9 +5,9 @@ Each kernel is a scheduled ``PrimFunc`` with a symbolic row count ``m`` (tokens)
 Relax does not fuse it into a neighbour (which would drop the schedule). Packed weights stay
 packed: the dequantization happens inside the inner loop, on 16-lane vectors.
 
-* :func:`matmul_nbits_int8` — MatMulNBits at ``accuracy_level`` 4 on a CPU with AVX-512 VNNI:
-  activations quantized to int8 per K-block, weights repacked into 16-output tiles, ``vpdpbusd``
-  byte dot products (see :mod:`.tvm_int8`).
+* :func:`matmul_nbits_int8` — MatMulNBits at ``accuracy_level`` 4 on a CPU with AVX-512 VNNI or AVX2:
+  activations quantized to int8 per K-block, weights repacked into 16-output tiles, byte dot
+  products (:func:`byte_dot`; see :mod:`.tvm_int8`).
 * :func:`act_sparse_matmul_nbits` — ``ActSparse`` feeding a 4-bit MatMulNBits: reads only the weight
   rows of the inputs above their thresholds (see :mod:`.tvm_act_sparse`).
 * :func:`matmul_nbits` — ``com.microsoft::MatMulNBits`` in fp32 math (4- or 8-bit codes, blocks along K,
@@ -526,18 +526,23 @@ def act_sparse_matmul_nbits(k: int, n: int, block_size: int, *, zero_points: boo
     return _act_sparse_func(body, k, n, nb, npad, zero_points)
 
 
-# ----------------------------------------------------------------------------- int8-activation GEMV (AVX-512 VNNI)
+# ----------------------------------------------------------------------------- int8-activation GEMV (VNNI or AVX2)
 
 VNNI_TILE = 16  # outputs per int32x16 accumulator
 ROW_TILE = 4  # activation rows per weight read in the int8 kernel's prefill (GEMM) loop
 VNNI_FEATURES = ("avx512vnni", "avx512bw")
 
 
-def has_vnni(target: tvm.target.Target) -> bool:
-    """Whether ``target``'s CPU has the AVX-512 VNNI byte dot product (``vpdpbusd``)."""
+def _cpu_has(target: tvm.target.Target, *features: str) -> bool:
+    """Whether ``target`` is an LLVM CPU target with every one of ``features``."""
     from tvm.target import codegen
 
-    return target.kind.name == "llvm" and bool(codegen.target_has_features(list(VNNI_FEATURES), target))
+    return target.kind.name == "llvm" and bool(codegen.target_has_features(list(features), target))
+
+
+def has_vnni(target: tvm.target.Target) -> bool:
+    """Whether ``target``'s CPU has the AVX-512 VNNI byte dot product (``vpdpbusd``)."""
+    return _cpu_has(target, *VNNI_FEATURES)
 
 
 INT8_ISA_CODES = {"vnni": 1, "avx2": 2}  # the ``int8`` attribute of the rewritten nodes (0: fp32 kernel)
@@ -556,11 +561,9 @@ def int8_isa(target: tvm.target.Target) -> str | None:
     """The byte dot product the int8-activation kernels use on ``target``'s CPU: ``"vnni"``
     (AVX-512 VNNI ``vpdpbusd``), ``"avx2"`` (``vpmaddubsw`` + ``vpmaddwd``), or None (no int8
     kernels: MatMulNBits keeps the fp32 kernel)."""
-    from tvm.target import codegen
-
     if has_vnni(target):
         return "vnni"
-    if target.kind.name == "llvm" and codegen.target_has_features(["avx2"], target):
+    if _cpu_has(target, "avx2"):
         return "avx2"
     return None
 
@@ -814,7 +817,7 @@ def avx2_rows4(v: int, r0, r1, r2, r3):
 
 def act_sparse_matmul_nbits_int8(k: int, n: int, block_size: int, *, zero_points: bool, parts: int = 2,
                                  prefetch: int = 2 * PREFETCH_ROWS, isa: str = "vnni") -> tirx.PrimFunc:
-    """:func:`act_sparse_matmul_nbits` with the activations quantized to int8 and VNNI dot products:
+    """:func:`act_sparse_matmul_nbits` with the activations quantized to int8 and byte dot products:
     ``ActSparse`` then MatMulNBits at ``accuracy_level`` 4 (each K-block's active values quantized
     with scale ``max|active| / 127``, as ORT quantizes the sparsified input).
 
@@ -1083,9 +1086,7 @@ def matmul_f32(k: int, n: int, tile: int = F32_TILE) -> tirx.PrimFunc:
 
 def has_avx512(target: tvm.target.Target) -> bool:
     """Whether ``target``'s CPU has AVX-512F (the N:M kernel's 16-lane ``vpermps``)."""
-    from tvm.target import codegen
-
-    return target.kind.name == "llvm" and bool(codegen.target_has_features(["avx512f"], target))
+    return _cpu_has(target, "avx512f")
 
 
 PERMUTE_ISA_CODES = {"avx512": 1, "avx2": 2}  # the ``isa`` attribute of SparseMatMul2of4 nodes
@@ -1094,11 +1095,9 @@ PERMUTE_ISA_CODES = {"avx512": 1, "avx2": 2}  # the ``isa`` attribute of SparseM
 def permute_isa(target: tvm.target.Target) -> str | None:
     """The lane permute the 2:4 kernel uses on ``target``'s CPU: ``"avx512"`` (16-lane ``vpermps``),
     ``"avx2"`` (8-lane ``vpermps``), or None (pruned linears take the CSR kernel)."""
-    from tvm.target import codegen
-
     if has_avx512(target):
         return "avx512"
-    if target.kind.name == "llvm" and codegen.target_has_features(["avx2"], target):
+    if _cpu_has(target, "avx2"):
         return "avx2"
     return None
 
