@@ -11,6 +11,7 @@ reference's top-1 class is in the artifact's top 5 (top-5 agreement), on held-ou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -192,5 +193,54 @@ def evaluate(rt: Any, task: str, reference: torch.nn.Module, tokenizer: Any, dat
         return check_image_classifier(rt.classify, reference, images, progress=progress)
     if task == "causal-lm":
         rows = token_windows(tokenizer, load_text(data), seq_len, windows, seed=0)
-        return check_causal_lm(rt.logits, reference, rows, progress=progress)
+        metrics = check_causal_lm(rt.logits, reference, rows, progress=progress)
+        sparsity = measured_act_sparsity(rt.artifact, rows)
+        return metrics if sparsity is None else {**metrics, "activation_sparsity": sparsity}
     raise EdgeCompressError(f"no accuracy check for {task} models yet", hint="checks cover causal-lm, sentence-encoder and image-classifier")
+
+
+def measured_act_sparsity(artifact: Any, windows: torch.Tensor) -> float | None:
+    """Fraction of the thresholded inputs that ``edgecompress::ActSparse`` zeroes on ``windows``, weighted by
+    the parameters of the linears reading each one (the weight columns a sparse kernel skips; a CATS site
+    counts its up_proj and down_proj), measured by ONNX Runtime on the artifact's ONNX graph with the
+    op outputs exposed; None for an artifact without thresholds (or without an ONNX graph)."""
+    import onnx
+    import onnxruntime as ort
+
+    path = getattr(artifact, "onnx_path", None)
+    if path is None or not Path(path).exists():
+        return None
+    model = onnx.load(str(path), load_external_data=False)  # the graph only, until it has thresholds
+    sites = {n.input[1]: n.output[0] for n in model.graph.node if n.op_type == "ActSparse" and n.domain == "edgecompress"}
+    if not sites:
+        return None
+    onnx.load_external_data_for_model(model, str(Path(path).parent))
+    rows = artifact.manifest.get("layers", [])
+    weight = dict.fromkeys(sites, 0)
+    for r in rows:
+        for key in ("act_threshold", "cats_threshold"):
+            thr = r.get("initializers", {}).get(key)
+            if thr in weight:
+                up = r["module"].replace("down_proj", "up_proj") if key == "cats_threshold" else None
+                weight[thr] += r["params"] + sum(u["params"] for u in rows if up and u["module"] == up)
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None)
+                              for y in sites.values() if y not in known)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model
+    past = {i.name: np.zeros((1, int(i.shape[1]), 0, int(i.shape[3])), np.float32)  # [batch, kv heads, past, dim]
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    zeros, total = dict.fromkeys(sites, 0), dict.fromkeys(sites, 0)
+    names = list(sites.values())
+    for row in windows:
+        ids = row.numpy().astype(np.int64)[None]
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **past}
+        for thr, y in zip(sites, session.run(names, feeds)):
+            zeros[thr] += int((y == 0).sum())
+            total[thr] += y.size
+    all_weight = sum(weight.values())
+    if not all_weight:
+        return None
+    return float(sum(zeros[t] / max(total[t], 1) * weight[t] for t in sites) / all_weight)

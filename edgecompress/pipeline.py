@@ -37,7 +37,7 @@ from .data import (encode_prompts, fingerprint_tokens, load_prompt_pairs, load_p
 from .errors import ArtifactError, EdgeCompressError
 from .models import LoadedModel, cache_root, load_model
 from .progress import console, ticker
-from .recipe import (ActSparsifyStep, AWQStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
+from .recipe import (ActSparsifyStep, AWQStep, DistillStep, ExportSpec, LowRankStep, MixedPrecisionStep, QuantizeStep, Recipe, SmoothQuantStep,
                      SparsifyStep, SteerStep, recipe_to_dict)
 from .recipe import PruneChannelsStep, PruneLayersStep
 
@@ -58,6 +58,7 @@ class StepContext:
     batch_size: int = 1
     tokenizer: Any = None
     reference: nn.Module | None = None  # the uncompressed model (kept when a step needs it, e.g. lowrank)
+    data: str | None = None  # the calibration text source (for steps that draw windows of their own)
     float_prefix: bool = False  # a W8A8 step keeps the first token in float: statistics leave it out
 
     @property
@@ -202,6 +203,24 @@ def _apply_lowrank(model: nn.Module, step: LowRankStep, ctx: StepContext) -> lis
     return apply_lowrank(model, ctx.reference, ctx.windows, cfg, progress=ctx.progress, batch_size=ctx.batch_size)
 
 
+def _apply_distill(model: nn.Module, step: DistillStep, ctx: StepContext) -> list[dict]:
+    from edgecompress.compress.lowrank.distill import DistillConfig, apply_distill
+
+    if ctx.reference is None or ctx.tokenizer is None or ctx.data is None:
+        raise EdgeCompressError("the distill step needs the uncompressed model, the tokenizer and the calibration "
+                                "text", hint="run distill through run_recipe, or fill those StepContext fields")
+    windows = token_windows(ctx.tokenizer, load_text(ctx.data), step.seq_len, step.samples, seed=step.seed)
+    console.log(f"distill: rank {step.rank}, {step.steps} steps on {len(windows)} windows of {windows.shape[1]} "
+                f"tokens of {ctx.data}")
+    cfg = DistillConfig(rank=step.rank, steps=step.steps, lr=step.lr, targets=tuple(step.targets),
+                        ignore=tuple(step.ignore), seed=step.seed)
+    records = apply_distill(model, ctx.reference, windows, cfg, progress=ctx.progress)
+    d = records[0]["distill"]
+    console.log(f"distill: KL to the uncompressed model {d['kl_first_tenth']:.4f} (first tenth of the steps) -> "
+                f"{d['kl_last_tenth']:.4f} (last tenth), {d['seconds']:.0f} s")
+    return records
+
+
 def _apply_act_sparsify(model: nn.Module, step: ActSparsifyStep, ctx: StepContext) -> list[dict]:
     from edgecompress.compress.sparse.activation import ActSparsifyConfig, apply_act_sparsify
 
@@ -243,6 +262,7 @@ STEP_APPLIERS: dict[str, Callable[[nn.Module, Any, StepContext], list[dict]]] = 
     "sparsify_activations": _apply_act_sparsify,
     "prune_layers": _apply_prune_layers,
     "prune_mlp_channels": _apply_prune_channels,
+    "distill": _apply_distill,
 }
 
 
@@ -427,7 +447,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     if tok is None and not images:
         raise EdgeCompressError(f"{recipe.model.source} has no tokenizer; text calibration needs one")
     needs_reference = recipe.check is not None or any(e.reference for e in recipe.export)
-    needs_reference = needs_reference or any(s.step_type == "lowrank" for s in recipe.steps)
+    needs_reference = needs_reference or any(s.step_type in ("lowrank", "distill") for s in recipe.steps)
     reference = copy.deepcopy(model) if needs_reference else None
     timings["load_s"] = time.perf_counter() - t0
 
@@ -453,7 +473,7 @@ def run_recipe(recipe: Recipe, out_root: str | Path, *, force: bool = False, pro
     for i, step in enumerate(recipe.steps):
         console.log(f"step {i}: {step.step_type}")
         ctx = StepContext(windows, store, progress, cal.batch_size, tokenizer=tok, reference=reference,
-                          float_prefix=float_prefix)
+                          data=None if images else cal.data, float_prefix=float_prefix)
         records = STEP_APPLIERS[step.step_type](model, step, ctx)
         steps.append({"step": step.step_type, "config": step.model_dump(mode="json"), "modules": records})
     timings["steps_s"] = time.perf_counter() - t

@@ -66,6 +66,7 @@ __all__ = [
     "PruneChannelsStep",
     "PruneLayersStep",
     "LowRankStep",
+    "DistillStep",
     "QuantizeStep",
     "SparsifyStep",
     "Recipe",
@@ -818,6 +819,28 @@ class PruneChannelsStep(StepConfig):
                                    "down_proj's input size divisible by the quantization blocks).")
 
 
+class DistillStep(StepConfig):
+    """Low-rank distillation: rank-r deltas of the float decoder linears trained to match the uncompressed
+    model's next-token distributions on calibration windows, then merged into the weights (no runtime cost);
+    heals activation thresholds or pruning before quantization."""
+
+    step_type: ClassVar[str] = "distill"
+
+    rank: StrictInt = Field(16, ge=1, description="Rank r of each layer's trained delta B [N, r] A [r, K] "
+                            "(merged into W afterwards: the export keeps its shapes).")
+    steps: StrictInt = Field(200, ge=1, description="Optimiser steps (Adam, cosine decay), one window each.")
+    lr: StrictFloat = Field(1e-3, gt=0, description="Adam learning rate at the start.")
+    samples: StrictInt = Field(64, ge=1, description="Training windows drawn from calibration.data (cycled).")
+    seq_len: StrictInt = Field(256, ge=8, description="Tokens per training window.")
+    seed: StrictInt = Field(1, ge=0, description="Seed for picking the training windows (calibration.seed "
+                            "picks the calibration windows) and initialising the deltas.")
+    targets: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (".*",), min_length=1, description="Regexes (re.search) over module names selecting the float linears "
+        "inside the decoder blocks that get a delta.")
+    ignore: Annotated[tuple[Regex, ...], BeforeValidator(_listify)] = Field(
+        (), description="Regexes (re.search) over module names to leave as they are.")
+
+
 #: Registered step types: the YAML key of a step item -> its config model.
 STEP_TYPES: dict[str, type[StepConfig]] = {
     QuantizeStep.step_type: QuantizeStep,
@@ -830,6 +853,7 @@ STEP_TYPES: dict[str, type[StepConfig]] = {
     ActSparsifyStep.step_type: ActSparsifyStep,
     PruneLayersStep.step_type: PruneLayersStep,
     PruneChannelsStep.step_type: PruneChannelsStep,
+    DistillStep.step_type: DistillStep,
 }
 
 
@@ -944,7 +968,7 @@ class ExportSpec(BaseModel):
     accuracy_level: AccuracyLevel = Field(
         4,
         description="MatMulNBits accuracy_level, 0-4 (4 = int8 activations in the matmul on CPU: ONNX Runtime, and "
-        "format tvm on a CPU with AVX-512 VNNI; 0 = fp32 math).",
+        "format tvm on an x86 CPU with AVX2 or AVX-512 VNNI; 0 = fp32 math).",
     )
     opset: StrictInt = Field(21, ge=17, description="ONNX opset version (>= 17).")
     fuse_qkv: StrictBool = Field(
@@ -1107,6 +1131,16 @@ class Recipe(BaseModel):
     bench: BenchSpec | None = Field(None, description="Optional speed benchmark of export targets.")
 
     # -- cross-field checks (field validators run in field order, so `export` is in info.data)
+
+    @field_validator("steps")
+    @classmethod
+    def _distill_not_after_steer(cls, steps: tuple[StepConfig, ...]) -> tuple[StepConfig, ...]:
+        types = [s.step_type for s in steps]
+        if "steer" in types and "distill" in types[types.index("steer"):]:
+            raise _located_error(("steps", types.index("distill", types.index("steer"))), "distill", "step_order",
+                                 "distill pulls the model toward the model as loaded, so after a steer step it would "
+                                 "train the steering away; put distill before steer", {})
+        return steps
 
     @field_validator("export")
     @classmethod

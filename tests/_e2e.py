@@ -16,15 +16,18 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SEQ_LEN, WINDOWS = 256, 2
 
 
-def run_small(recipe: str, out: Path) -> tuple[dict, dict]:
+def run_small(recipe: str, out: Path, steps: dict[int, dict] | None = None) -> tuple[dict, dict]:
     """Run ``recipes/<recipe>`` on 8 x 256 calibration tokens, its first export only, checked on 2 x 256
-    held-out tokens without thresholds, no bench; returns (the recipe as run, its report)."""
+    held-out tokens without thresholds, no bench; ``steps`` updates step ``i``'s keys (``{i: {key: value}}``);
+    returns (the recipe as run, its report)."""
     spec = yaml.safe_load((RECIPES / recipe).read_text())
     spec["calibration"].update(samples=8, seq_len=SEQ_LEN)
     spec["check"].update(windows=WINDOWS, seq_len=SEQ_LEN)
     spec["check"]["thresholds"] = {}
     spec["export"] = [spec["export"][0]]
-    spec.pop("bench")
+    spec.pop("bench", None)
+    for i, keys in (steps or {}).items():
+        next(iter(spec["steps"][i].values())).update(keys)
     return spec, run_recipe(parse_recipe(json.dumps(spec)), out, progress=False)
 
 

@@ -185,6 +185,34 @@ def test_recipe_errors_name_the_key(body, needle):
     assert needle in str(info.value) and "x.yaml line 4" in str(info.value)
 
 
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_check_measures_the_activation_sparsity_like_torch(tmp_path, method):
+    """The check's ``activation_sparsity`` (ONNX Runtime on the exported graph, ActSparse outputs exposed)
+    equals the torch model's parameter-weighted measurement on the same windows."""
+    from edgecompress.artifact import Artifact, write_manifest
+    from edgecompress.check import measured_act_sparsity
+    from edgecompress.compress.sparse.activation import measure_cats_sparsity
+    from edgecompress.export.onnx_export import export_causal_lm
+    from edgecompress.models import load_model
+
+    lm = load_model("tiny-llama")
+    cfg = ActSparsifyConfig(method=method, sparsity=0.5, allocation="uniform", ignore=("o_proj",))
+    apply_act_sparsify(lm.model, _calib(), cfg)
+    body = export_causal_lm(lm.model, tmp_path, accuracy_level=0)
+    write_manifest(tmp_path, {"task": "causal-lm", **body})
+    rows = torch.randint(0, 260, (3, 40), generator=torch.Generator().manual_seed(4))
+    got = measured_act_sparsity(Artifact.load(tmp_path), rows)
+    # torch: CATS weighs every MLP alike (each skips the same up/down columns), TEAL by parameters
+    want = (measure_cats_sparsity if method == "cats" else measure_sparsity)(lm.model, rows)["sparsity"]
+    assert 0.3 < want < 0.7
+    assert got == pytest.approx(want, abs=1e-6)
+    dense = load_model("tiny-llama")
+    (tmp_path / "dense").mkdir()
+    body = export_causal_lm(dense.model, tmp_path / "dense", accuracy_level=0)
+    write_manifest(tmp_path / "dense", {"task": "causal-lm", **body})
+    assert measured_act_sparsity(Artifact.load(tmp_path / "dense"), rows) is None
+
+
 def _run_tiny(text: str, out) -> tuple[dict, object]:
     """Run an inline recipe quietly: (report, the artifact of its first export)."""
     from edgecompress.artifact import Artifact
