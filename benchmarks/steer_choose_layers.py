@@ -2,13 +2,13 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/steer_choose_layers.py [--pairs builtin:concise-answers]
         [--cands '[[29], [27, 29], [25, 27, 29], [23, 25, 27, 29]]'] [--bounds 0.09 0.12] [--max-ppl 1.09]
-        [--json OUT]
+        [--max-new-tokens 96] [--json OUT]
 
 For each candidate layer set and bound (hooked torch, SmolLM2-135M-Instruct): the difference-of-means
 direction at each layer from ``--pairs`` (last token), one strength for all layers searched as the
 steer step does (largest under the KL bound on 2 x 256 calibration tokens; ``search_strength``),
 then the perplexity ratio on 2 x 256 held-out ``pydoc:eval`` tokens and the mean greedy answer
-length (at most 96 new tokens, chat template) on the 20 prompts of ``builtin:concise-eval`` against
+length (at most ``--max-new-tokens``, default 96, chat template) on the 20 prompts of ``builtin:concise-eval`` against
 the unsteered model's. The candidate with the largest length reduction among those under
 ``--max-ppl`` is then run once on ``builtin:concise-test`` (40 prompts none of this touched).
 """
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--cands", default="[[29], [27, 29], [25, 27, 29], [23, 25, 27, 29]]")
     ap.add_argument("--bounds", type=float, nargs="*", default=[0.09, 0.12])
     ap.add_argument("--max-ppl", type=float, default=1.09)
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="answer budget in tokens")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -59,7 +60,9 @@ def main() -> None:
     ref_calib, ref_held = log_probs(model, calib), log_probs(model, held)
     gen = torch_generate_fn(model)
     selection, test = load_prompts("builtin:concise-eval"), load_prompts("builtin:concise-test")
-    ref_selection = mean_tokens(answers(gen, tok, selection, 96))
+    budget = args.max_new_tokens
+    ref_answers = answers(gen, tok, selection, budget)
+    ref_selection = mean_tokens(ref_answers)
     rows = []
     for layers in (tuple(c) for c in json.loads(args.cands)):
         found = directions(model, pos, neg, SteerConfig(layers=layers, kl_bound=args.bounds[0]))
@@ -75,20 +78,26 @@ def main() -> None:
             strength, _ = search_strength(kl_at, bound, 2.0, 6)
             with added_to_stream(model, vectors(strength)):
                 ppl = perplexity_ratio(ref_held, log_probs(model, held), held)
-                length = mean_tokens(answers(gen, tok, selection, 96))
+                steered = answers(gen, tok, selection, budget)
+            length = mean_tokens(steered)
             rows.append({"layers": list(layers), "bound": bound, "strength": strength, "perplexity_ratio": ppl,
-                         "selection_mean_tokens": length, "selection_reduction": length / ref_selection - 1})
+                         "selection_mean_tokens": length, "selection_reduction": length / ref_selection - 1,
+                         "selection_tokens": [a["tokens"] for a in steered]})
             print(json.dumps(rows[-1]), flush=True)
-    report = {"pairs": args.pairs, "selection_reference_mean_tokens": ref_selection, "candidates": rows}
+    report = {"pairs": args.pairs, "max_new_tokens": budget, "selection_reference_mean_tokens": ref_selection,
+              "selection_reference_tokens": [a["tokens"] for a in ref_answers], "candidates": rows}
     ok = [r for r in rows if r["perplexity_ratio"] <= args.max_ppl]
     if ok:
         best = min(ok, key=lambda r: r["selection_reduction"])
         found = directions(model, pos, neg, SteerConfig(layers=tuple(best["layers"]), kl_bound=best["bound"]))
-        ref_test = mean_tokens(answers(gen, tok, test, 96))
+        ref_test = answers(gen, tok, test, budget)
         with added_to_stream(model, {i: found[i]["v"] * best["strength"] for i in best["layers"]}):
-            steered_test = mean_tokens(answers(gen, tok, test, 96))
-        report["chosen"] = best | {"test_reference_mean_tokens": ref_test, "test_mean_tokens": steered_test,
-                                   "test_reduction": steered_test / ref_test - 1}
+            steered_test = answers(gen, tok, test, budget)
+        report["chosen"] = best | {"test_reference_mean_tokens": mean_tokens(ref_test),
+                                   "test_mean_tokens": mean_tokens(steered_test),
+                                   "test_reduction": mean_tokens(steered_test) / mean_tokens(ref_test) - 1,
+                                   "test_reference_tokens": [a["tokens"] for a in ref_test],
+                                   "test_tokens": [a["tokens"] for a in steered_test]}
         print(json.dumps(report["chosen"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
