@@ -211,18 +211,18 @@ def measured_act_sparsity(artifact: Any, windows: torch.Tensor) -> float | None:
     if path is None or not Path(path).exists():
         return None
     model = onnx.load(str(path), load_external_data=False)  # the graph only, until it has thresholds
-    sites = {n.input[1]: n.output[0] for n in model.graph.node if n.op_type == "ActSparse" and n.domain == "edgecompress"}
+    sites = {n.input[1]: n.output[0] for n in model.graph.node
+             if n.op_type == "ActSparse" and n.domain == "edgecompress"}
     if not sites:
         return None
     onnx.load_external_data_for_model(model, str(Path(path).parent))
-    rows = artifact.manifest.get("layers", [])
     weight = dict.fromkeys(sites, 0)
-    for r in rows:
-        for key in ("act_threshold", "cats_threshold"):
+    # a CATS threshold is on down_proj's row; up_proj [I, H] has as many weights as down_proj [H, I]
+    for r in artifact.manifest.get("layers", []):
+        for key, share in (("act_threshold", 1), ("cats_threshold", 2)):
             thr = r.get("initializers", {}).get(key)
             if thr in weight:
-                up = r["module"].replace("down_proj", "up_proj") if key == "cats_threshold" else None
-                weight[thr] += r["params"] + sum(u["params"] for u in rows if up and u["module"] == up)
+                weight[thr] += share * r["params"]
     known = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, None)
                               for y in sites.values() if y not in known)

@@ -109,13 +109,18 @@ def _targets(model: nn.Module, reference: nn.Module, cfg: LowRankConfig) -> dict
         raise EdgeCompressError(f"lowrank: {changed[0]} differs from the uncompressed model (an awq step folded "
                                 "scales into it), so W - W_compressed is not the compression error",
                                 hint="drop awq from a recipe that uses lowrank, or compensate without awq")
-    too_big = [f"{n} [{m.out_features}, {m.in_features}]" for n, m in chosen.items()
-               if cfg.rank > min(m.out_features, m.in_features)]
+    check_rank("lowrank", chosen, cfg.rank)
+    return chosen
+
+
+def check_rank(step: str, layers: dict[str, nn.Module], rank: int) -> None:
+    """A rank-``rank`` factor pair must fit every layer: a clear error naming the layers it does not."""
+    too_big = [f"{n} [{m.out_features}, {m.in_features}]" for n, m in layers.items()
+               if rank > min(m.out_features, m.in_features)]
     if too_big:
-        raise RecipeError(f"lowrank rank {cfg.rank} exceeds the smaller dimension of {', '.join(too_big[:3])}"
+        raise RecipeError(f"{step} rank {rank} exceeds the smaller dimension of {', '.join(too_big[:3])}"
                           + (f" and {len(too_big) - 3} more" if len(too_big) > 3 else ""),
                           hint="choose a rank below min(out_features, in_features), or ignore those layers")
-    return chosen
 
 
 def _compensate(model: nn.Module, name: str, mod: nn.Module, W: torch.Tensor, cfg: LowRankConfig,

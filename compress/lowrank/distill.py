@@ -30,6 +30,8 @@ from edgecompress.compress.quant.sequential import decoder_blocks
 from edgecompress.errors import RecipeError
 from edgecompress.progress import ticker
 
+from .apply import check_rank
+
 log = logging.getLogger(__name__)
 
 
@@ -78,12 +80,7 @@ def distill_targets(model: nn.Module, cfg: DistillConfig) -> dict[str, nn.Linear
     if not chosen:
         raise RecipeError("distill selects no float linear layer inside the decoder blocks",
                           hint="check targets/ignore")
-    too_big = [f"{n} [{m.out_features}, {m.in_features}]" for n, m in chosen.items()
-               if cfg.rank > min(m.out_features, m.in_features)]
-    if too_big:
-        raise RecipeError(f"distill rank {cfg.rank} exceeds the smaller dimension of {', '.join(too_big[:3])}"
-                          + (f" and {len(too_big) - 3} more" if len(too_big) > 3 else ""),
-                          hint="choose a rank below min(out_features, in_features), or ignore those layers")
+    check_rank("distill", chosen, cfg.rank)
     return chosen
 
 
@@ -97,19 +94,22 @@ class Deltas(nn.Module):
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         for name, lin in linears.items():
-            key = name.replace(".", "/")
-            self.A[key] = nn.Parameter(torch.randn(rank, lin.in_features, generator=gen) / math.sqrt(lin.in_features))
-            self.B[key] = nn.Parameter(torch.zeros(lin.out_features, rank))
+            self.A[self._key(name)] = nn.Parameter(torch.randn(rank, lin.in_features, generator=gen)
+                                                   / math.sqrt(lin.in_features))
+            self.B[self._key(name)] = nn.Parameter(torch.zeros(lin.out_features, rank))
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "/")  # ParameterDict keys cannot hold dots
 
     def delta(self, name: str) -> torch.Tensor:
-        key = name.replace(".", "/")
-        return (self.B[key] @ self.A[key]).detach()
+        return (self.B[self._key(name)] @ self.A[self._key(name)]).detach()
 
     @contextmanager
     def applied(self) -> Iterator[None]:
         handles = []
         for name, lin in self.linears.items():
-            A, B = self.A[name.replace(".", "/")], self.B[name.replace(".", "/")]
+            A, B = self.A[self._key(name)], self.B[self._key(name)]
 
             def hook(_mod, inputs, out, A=A, B=B):
                 return out + F.linear(F.linear(inputs[0], A.to(out.dtype)), B.to(out.dtype))
