@@ -207,19 +207,22 @@ def measured_act_sparsity(artifact: Any, windows: torch.Tensor) -> float | None:
     import onnx
     import onnxruntime as ort
 
+    from edgecompress.export.onnx_act_sparse import ACT_SPARSE, CATS_SUFFIX
+    from edgecompress.export.onnx_custom import DOMAIN
+
     path = getattr(artifact, "onnx_path", None)
     if path is None or not Path(path).exists():
         return None
     model = onnx.load(str(path), load_external_data=False)  # the graph only, until it has thresholds
     sites = {n.input[1]: n.output[0] for n in model.graph.node
-             if n.op_type == "ActSparse" and n.domain == "edgecompress"}
+             if n.op_type == ACT_SPARSE and n.domain == DOMAIN}
     if not sites:
         return None
     onnx.load_external_data_for_model(model, str(Path(path).parent))
     weight = dict.fromkeys(sites, 0)
     # a CATS threshold is on down_proj's row; up_proj [I, H] has as many weights as down_proj [H, I]
     for r in artifact.manifest.get("layers", []):
-        for key, share in (("act_threshold", 1), ("cats_threshold", 2)):
+        for key, share in (("act_threshold", 1), (CATS_SUFFIX, 2)):
             thr = r.get("initializers", {}).get(key)
             if thr in weight:
                 weight[thr] += share * r["params"]
