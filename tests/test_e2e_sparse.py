@@ -45,7 +45,7 @@ def test_wanda_2of4_artifact_is_compressed_and_beats_magnitude(tmp_path):
 
 def test_teal_distill_artifact_beats_the_thresholds_alone(tmp_path):
     spec, report = run_small("smollm2-135m-teal-distill.yaml", tmp_path, steps={
-        0: {"allocation": "uniform"}, 1: {"steps": 24, "samples": 8, "seq_len": 128, "lr": 0.002}})
+        0: {"allocation": "uniform"}, 1: {"rank": 16, "steps": 24, "samples": 8, "seq_len": 128, "lr": 0.002}})
     distilled = report["check"]
     assert report["exports"]["teal-distill"]["op_counts"]["edgecompress::ActSparse"] == 30 * 4
     assert 0.35 < distilled["activation_sparsity"] < 0.45
