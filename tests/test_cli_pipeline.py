@@ -160,3 +160,24 @@ def test_models_lists_bundled_aliases(capsys):
     assert main(["models", "--json"]) == 0
     aliases = {m["alias"] for m in _json(capsys)}
     assert {"smollm2-135m", "minilm-l6", "efficientnet-lite0", "tiny-llama"} <= aliases
+
+
+def test_progress_off_a_terminal_is_a_line_at_most_every_interval(capsys, monkeypatch):
+    from edgecompress import progress
+
+    clock = iter([0.0, 10.0, 70.0, 80.0, 200.0])  # start, then one reading per advance
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    advance = progress.log_ticker(8, "distill r32", every_s=60.0)
+    for _ in range(4):
+        advance()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "distill r32" in ln]
+    assert len(lines) == 2, lines  # at 70 s and at 200 s; 10 s and 80 s are too soon after the last line
+    assert "2/8 after 70 s, ~210 s left" in lines[0] and "4/8 after 200 s, ~200 s left" in lines[1]
+
+    monkeypatch.undo()  # the real clock again
+    assert not progress.console.is_terminal  # captured stderr: the ticker takes the log path
+    with progress.ticker(3, "quiet", enabled=True) as tick:  # work shorter than a minute prints nothing
+        for _ in range(3):
+            tick()
+    assert list(progress.track(range(3), 3, "quiet")) == [0, 1, 2]
+    assert "quiet" not in capsys.readouterr().err
