@@ -333,8 +333,8 @@ def test_quantize_after_steer_keeps_the_bias(tmp_path):
 def test_bundled_eval_prompts_are_disjoint_from_the_direction_prompts():
     from edgecompress.data import builtin_prompt_sets, load_prompt_pairs, load_prompts
 
-    assert {"concise-pairs", "concise-eval", "concise-test", "concise-final", "sentiment-pairs", "sentiment-eval",
-            "sentiment-answers"} <= set(
+    assert {"concise-pairs", "concise-eval", "concise-test", "concise-final", "concise-final2", "sentiment-pairs",
+            "sentiment-eval", "sentiment-answers"} <= set(
         builtin_prompt_sets())
     for task in ("concise", "sentiment"):
         pos, neg = load_prompt_pairs(f"builtin:{task}-pairs")
@@ -348,10 +348,10 @@ def test_bundled_eval_prompts_are_disjoint_from_the_direction_prompts():
         assert q == q2 and whole.startswith(cut) and len(cut) < len(whole)  # a cut of the same answer
         assert not any(e.rstrip("?.") in q for e in load_prompts("builtin:concise-eval")), q
     # the second held-out set (never used to choose layers or strengths): disjoint from everything else
-    # and the third (written after the second had been measured): disjoint from all of them
+    # and the third and fourth (each written after the one before had been measured): disjoint from all of them
     others = load_prompts("builtin:concise-eval") + [q for q, _ in answers_pos] + list(
         load_prompt_pairs("builtin:concise-pairs")[0])
-    for name in ("concise-test", "concise-final"):
+    for name in ("concise-test", "concise-final", "concise-final2"):
         test = load_prompts(f"builtin:{name}")
         assert len(test) >= 40 and len(set(test)) == len(test)
         for q in test:
